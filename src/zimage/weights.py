@@ -1,0 +1,189 @@
+"""Reading checkpoints in the published layout: configs, single-file or sharded safetensors, lean loading."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+DOWNLOAD_HINT = "huggingface-cli download Tongyi-MAI/Z-Image-Turbo --local-dir weights/Z-Image-Turbo"
+
+# component folder -> safetensors file stem, as published
+WEIGHT_STEMS = {"transformer": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+CONFIG_NAMES = {"transformer": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                "scheduler": "scheduler_config.json"}
+TOKENIZER_FILES = ("tokenizer_config.json",)
+
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+class WeightsError(Exception):
+    """A checkpoint file or tensor is missing, damaged, or does not fit the model."""
+
+
+class MissingFileError(WeightsError):
+    """A file the published layout requires is absent."""
+
+
+def read_json(path: Path) -> dict:
+    """Parse a JSON file, naming the file in any error."""
+    if not path.is_file():
+        raise MissingFileError(f"missing {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path} is not valid JSON ({e})") from None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_SIZES.get(self.dtype, 4)
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Tensor names, dtypes and shapes of one safetensors file, without reading tensor data."""
+    if not path.is_file():
+        raise MissingFileError(f"missing {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            out = {}
+            for name in f.keys():
+                sl = f.get_slice(name)
+                out[name] = TensorInfo(sl.get_dtype(), tuple(sl.get_shape()))
+            return out
+    except MissingFileError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+        raise WeightsError(f"{path} is not a readable safetensors file ({e}); download it again") from None
+
+
+def weight_files(folder: Path, stem: str) -> dict[str, Path]:
+    """Map tensor name -> file for a component stored as `{stem}.safetensors` or as shards plus
+    `{stem}.safetensors.index.json`. Raises MissingFileError naming any absent file."""
+    index = folder / f"{stem}.safetensors.index.json"
+    single = folder / f"{stem}.safetensors"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise WeightsError(f"{index} has no weight_map")
+        files = {name: folder / fname for name, fname in weight_map.items()}
+        for path in sorted(set(files.values())):
+            if not path.is_file():
+                raise MissingFileError(f"missing {path} (listed in {index.name})")
+        return files
+    if single.is_file():
+        return {name: single for name in read_header(single)}
+    raise MissingFileError(f"missing {single} (or {index.name} with its shards) in {folder}")
+
+
+def checkpoint_header(folder: Path, stem: str) -> dict[str, tuple[Path, TensorInfo]]:
+    """Every tensor of a component with its file, dtype and shape, checking that the index and the files agree."""
+    files = weight_files(folder, stem)
+    out: dict[str, tuple[Path, TensorInfo]] = {}
+    for path in sorted(set(files.values())):
+        for name, info in read_header(path).items():
+            out[name] = (path, info)
+    for name, path in files.items():
+        if name not in out or out[name][0] != path:
+            raise WeightsError(f"{path} does not contain tensor '{name}' that the index lists")
+    return out
+
+
+def expected_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def match_keys(
+    header: dict[str, tuple[Path, TensorInfo]],
+    expected: dict[str, tuple[int, ...]],
+    rename: Callable[[str], str | None],
+    where: Path,
+) -> dict[str, str]:
+    """Map module key -> checkpoint key, failing with the first missing, unexpected or misshapen tensor."""
+    mapping: dict[str, str] = {}
+    for name, (path, info) in header.items():
+        key = rename(name)
+        if key is None:
+            continue
+        if key not in expected:
+            raise WeightsError(f"{path.name}: unexpected tensor '{name}' (not part of the model configured by "
+                               f"{where / 'config.json'})")
+        if info.shape != expected[key]:
+            raise WeightsError(f"{path.name}: tensor '{name}' has shape {list(info.shape)}, "
+                               f"expected {list(expected[key])} from {where / 'config.json'}")
+        mapping[key] = name
+    missing = [k for k in expected if k not in mapping]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise WeightsError(f"{where}: tensor '{missing[0]}'{more} missing from the checkpoint")
+    return mapping
+
+
+def load_weights(
+    module: nn.Module,
+    folder: Path,
+    stem: str,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    rename: Callable[[str], str | None] = lambda k: k,
+) -> nn.Module:
+    """Fill a module built on the meta device from a component folder, one tensor at a time.
+
+    Each tensor is read from the memory-mapped file and converted straight to `dtype` on `device`, so no
+    full-precision copy of the model ever exists. `rename` maps checkpoint keys to module keys (None skips).
+    """
+    header = checkpoint_header(folder, stem)
+    mapping = match_keys(header, expected_shapes(module), rename, folder)
+    by_file: dict[Path, list[str]] = {}
+    for key, name in mapping.items():
+        by_file.setdefault(header[name][0], []).append(key)
+    state: dict[str, torch.Tensor] = {}
+    for path, keys in by_file.items():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in keys:
+                    t = f.get_tensor(mapping[key])
+                    state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                    del t
+        except Exception as e:
+            if isinstance(e, (torch.OutOfMemoryError, KeyboardInterrupt)):
+                raise
+            raise WeightsError(f"{path} could not be read ({e}); download it again") from None
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.requires_grad_(False).eval()
+
+
+def save_weights(state: dict[str, torch.Tensor], folder: Path, stem: str, shards: int = 1) -> None:
+    """Write tensors as `{stem}.safetensors`, or as `shards` files plus an index, as the published layout does."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in state.items()}
+    if shards <= 1:
+        save_file(state, str(folder / f"{stem}.safetensors"), metadata={"format": "pt"})
+        return
+    names = list(state)
+    per = -(-len(names) // shards)
+    weight_map = {}
+    total = 0
+    for i in range(shards):
+        fname = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k] for k in names[i * per : (i + 1) * per]}
+        save_file(part, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in part})
+        total += sum(v.numel() * v.element_size() for v in part.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
