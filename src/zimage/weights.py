@@ -48,11 +48,15 @@ class TensorInfo:
     shape: tuple[int, ...]
 
     @property
-    def nbytes(self) -> int:
-        n = DTYPE_SIZES.get(self.dtype, 4)
+    def numel(self) -> int:
+        n = 1
         for s in self.shape:
             n *= s
         return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_SIZES.get(self.dtype, 4)
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:

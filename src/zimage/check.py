@@ -1,0 +1,123 @@
+"""Verifying a checkpoint folder against the published layout, without loading tensor data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .scheduler import SchedulerConfig
+from .transformer import TransformerConfig, ZImageTransformer
+from .vae import AutoencoderKL, VAEConfig
+from .weights import (CONFIG_NAMES, DOWNLOAD_HINT, TOKENIZER_FILES, WEIGHT_STEMS, MissingFileError, WeightsError,
+                      checkpoint_header, expected_shapes, match_keys, read_json, weight_files)
+
+COMPONENTS = ("scheduler", "tokenizer", "text_encoder", "transformer", "vae")
+
+
+def require_layout(model_path: Path) -> None:
+    """Fail with MissingFileError naming the first file of the published layout that is absent: the model index,
+    a component folder, a config, the tokenizer, or a weight file or shard listed in an index."""
+    if not model_path.is_dir():
+        raise MissingFileError(f"model folder {model_path} not found")
+    read_json(model_path / "model_index.json")
+    for name in COMPONENTS:
+        folder = model_path / name
+        if not folder.is_dir():
+            raise MissingFileError(f"missing component folder {folder}")
+        if name in CONFIG_NAMES:
+            read_json(folder / CONFIG_NAMES[name])
+        if name == "tokenizer":
+            for fname in TOKENIZER_FILES:
+                read_json(folder / fname)
+        if name in WEIGHT_STEMS:
+            weight_files(folder, WEIGHT_STEMS[name])
+
+
+def missing_hint(e: MissingFileError) -> str:
+    return f"{e}. Download the model with: {DOWNLOAD_HINT}"
+
+
+def expected_text_encoder(folder: Path) -> dict[str, tuple[int, ...]]:
+    from transformers import AutoConfig, Qwen3Model
+
+    cfg = AutoConfig.from_pretrained(str(folder))
+    with torch.device("meta"):
+        return expected_shapes(Qwen3Model(cfg))
+
+
+def expected_for(model_path: Path, name: str) -> dict[str, tuple[int, ...]]:
+    folder = model_path / name
+    with torch.device("meta"):
+        if name == "transformer":
+            return expected_shapes(ZImageTransformer(TransformerConfig.from_json(folder / "config.json")))
+        if name == "vae":
+            return expected_shapes(AutoencoderKL(VAEConfig.from_json(folder / "config.json")))
+    return expected_text_encoder(folder)
+
+
+def text_encoder_key(name: str) -> str | None:
+    return None if name.startswith("lm_head.") else name.removeprefix("model.")
+
+
+@dataclass
+class ComponentReport:
+    name: str
+    ok: bool
+    files: int = 0
+    parameters: int = 0
+    dtypes: list[str] = field(default_factory=list)
+    bytes: int = 0
+    problem: str | None = None
+
+    def line(self) -> str:
+        if not self.ok:
+            return f"{self.name:<13} FAIL  {self.problem}"
+        if not self.files:
+            return f"{self.name:<13} ok"
+        return (f"{self.name:<13} ok    {self.files} file(s), {self.parameters:,} parameters, "
+                f"{'/'.join(self.dtypes)}, {self.bytes / 2**30:.2f} GiB")
+
+
+def check_component(model_path: Path, name: str) -> ComponentReport:
+    folder = model_path / name
+    try:
+        if not folder.is_dir():
+            raise MissingFileError(f"missing component folder {folder}")
+        if name == "scheduler":
+            SchedulerConfig.from_json(folder / CONFIG_NAMES[name])
+            return ComponentReport(name, True)
+        if name == "tokenizer":
+            for fname in TOKENIZER_FILES:
+                read_json(folder / fname)
+            if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
+                raise MissingFileError(f"missing {folder / 'tokenizer.json'}")
+            return ComponentReport(name, True)
+        read_json(folder / CONFIG_NAMES[name])
+        header = checkpoint_header(folder, WEIGHT_STEMS[name])
+        rename = text_encoder_key if name == "text_encoder" else (lambda k: k)
+        match_keys(header, expected_for(model_path, name), rename, folder)
+        infos = [info for _, info in header.values()]
+        return ComponentReport(name, True, files=len({p for p, _ in header.values()}),
+                               parameters=sum(i.numel for i in infos),
+                               dtypes=sorted({i.dtype for i in infos}), bytes=sum(i.nbytes for i in infos))
+    except MissingFileError as e:
+        return ComponentReport(name, False, problem=missing_hint(e))
+    except (WeightsError, ValueError, TypeError, OSError) as e:
+        return ComponentReport(name, False, problem=str(e))
+
+
+def check_model(model_path: Path) -> list[ComponentReport]:
+    """One report per component; `model_index.json` problems are reported as the component `model_index`."""
+    reports = []
+    try:
+        if not model_path.is_dir():
+            raise MissingFileError(f"model folder {model_path} not found")
+        read_json(model_path / "model_index.json")
+        reports.append(ComponentReport("model_index", True))
+    except MissingFileError as e:
+        return [ComponentReport("model_index", False, problem=missing_hint(e))]
+    except WeightsError as e:
+        reports.append(ComponentReport("model_index", False, problem=str(e)))
+    return reports + [check_component(model_path, name) for name in COMPONENTS]

@@ -1,0 +1,278 @@
+"""What a run will make: per-image settings from flags, prompt files and PNG metadata, validated before any
+weights are loaded, and the output file of each image."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import string
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .images import FORMATS
+
+MAX_SEED = 2**64 - 1
+DEFAULT_GUIDANCE_WITH_NEGATIVE = 5.0
+JSONL_FIELDS = {"prompt", "negative_prompt", "seed", "width", "height", "num_steps", "guidance_scale", "output",
+                "cfg_normalization", "cfg_truncation", "num_images"}
+PLACEHOLDERS = {"index", "seed", "prompt"}
+
+
+class UsageError(Exception):
+    """Bad input found before any work: reported on one line, exit code 2."""
+
+
+class ItemError(Exception):
+    """One item of a batch is unusable; it is reported with its origin and skipped."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that determines one image."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 1024
+    height: int = 1024
+    num_steps: int = 8
+    guidance_scale: float = 0.0
+    cfg_normalization: float = 0.0
+    cfg_truncation: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to make: its settings, the file it goes to, and where it came from (for messages)."""
+
+    settings: Settings
+    output: Path
+    index: int
+    origin: str
+    model: str
+
+    @property
+    def metadata(self) -> dict:
+        s = self.settings
+        return {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "steps": s.num_steps,
+                "guidance": s.guidance_scale, "cfg_normalization": s.cfg_normalization,
+                "cfg_truncation": s.cfg_truncation, "seed": s.seed, "width": s.width, "height": s.height,
+                "model": Path(self.model).name, "model_path": self.model}
+
+
+def round16(n: int, up: bool) -> int:
+    return max(16, (n + 15) // 16 * 16 if up else n // 16 * 16)
+
+
+def size_problem(width: int, height: int, max_side: int) -> str | None:
+    """Why width x height cannot be generated, with valid sizes to try; None when it can."""
+    if width <= 0 or height <= 0:
+        return f"width and height must be positive (got {width}x{height})"
+    if width > max_side or height > max_side:
+        w, h = min(width, max_side), min(height, max_side)
+        return (f"{width}x{height} is too large: each side must be at most {max_side} px, the span of the model's "
+                f"position tables. Try {round16(w, False)}x{round16(h, False)}")
+    if width % 16 or height % 16:
+        lo, hi = f"{round16(width, False)}x{round16(height, False)}", f"{round16(width, True)}x{round16(height, True)}"
+        hi = hi if round16(width, True) <= max_side and round16(height, True) <= max_side else lo
+        tries = lo if lo == hi else f"{lo} or {hi}"
+        return f"{width}x{height}: width and height must be multiples of 16. Try {tries}"
+    return None
+
+
+def settings_problem(s: Settings, max_side: int) -> str | None:
+    """The first reason these settings cannot run, checked without loading anything; None when they can."""
+    if not s.prompt.strip():
+        return "the prompt is empty"
+    if problem := size_problem(s.width, s.height, max_side):
+        return problem
+    if s.num_steps < 1:
+        return f"--num-steps must be at least 1 (got {s.num_steps})"
+    if s.guidance_scale < 0:
+        return f"--guidance-scale must be 0 or more (got {s.guidance_scale})"
+    if s.cfg_normalization < 0:
+        return f"--cfg-normalization must be 0 (off) or more (got {s.cfg_normalization})"
+    if not 0 <= s.seed <= MAX_SEED:
+        return f"--seed must be between 0 and 2**64-1 (got {s.seed})"
+    return None
+
+
+def output_problem(path: Path) -> str | None:
+    """Why an image cannot be written at `path`; None when it can (missing folders are created later)."""
+    if path.suffix.lower() not in FORMATS:
+        return f"{path}: unsupported image type '{path.suffix or '(none)'}'; use .png, .jpg, .jpeg or .webp"
+    if path.is_dir():
+        return f"{path} is a directory; give a file name such as {path / 'image.png'}"
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot create folder {path.parent}: {parent} is a file"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot write to folder {parent} (permission denied)"
+    return None
+
+
+def template_fields(template: str) -> set[str]:
+    try:
+        return {f.split(".")[0].split("[")[0] for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise UsageError(f"bad output template '{template}': {e}") from None
+
+
+def check_template(template: str) -> None:
+    unknown = template_fields(template) - PLACEHOLDERS
+    if unknown:
+        raise UsageError(f"output template '{template}' uses unknown placeholder {{{sorted(unknown)[0]}}}; "
+                         "use {index}, {seed} or {prompt}")
+    try:
+        template.format(index=0, seed=0, prompt="p")
+    except (ValueError, IndexError, KeyError) as e:
+        raise UsageError(f"bad output template '{template}': {e}") from None
+
+
+def slug(prompt: str, limit: int = 40) -> str:
+    """A short filesystem-safe name for a prompt."""
+    s = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].rstrip("-")
+    return s or "image"
+
+
+def render_output(template: str, index: int, seed: int, prompt: str, numbered: bool) -> Path:
+    """The file for image `index`. Without placeholders and `numbered`, `-0000`... goes before the extension."""
+    if not template_fields(template) and numbered:
+        p = Path(template)
+        return p.with_name(f"{p.stem}-{index:04d}{p.suffix}")
+    return Path(template.format(index=index, seed=seed, prompt=slug(prompt)))
+
+
+@dataclass(frozen=True)
+class Item:
+    """One prompt entry before expansion into images: field overrides and where it came from."""
+
+    fields: dict
+    origin: str
+    from_cli: bool = False  # given with --prompt: its problems are usage errors
+
+
+def read_prompt_lines(text: str, name: str, jsonl: bool) -> tuple[list[Item], list[str]]:
+    """Items from a prompts file: one prompt a line, or one JSON object a line for JSONL.
+    Returns the items and the errors of lines that were skipped."""
+    items, errors = [], []
+    for n, line in enumerate(text.splitlines(), start=1):
+        origin = f"{name} line {n}"
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if not jsonl:
+            items.append(Item({"prompt": line.strip()}, origin))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            errors.append(f"{origin}: not valid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(obj, dict):
+            errors.append(f"{origin}: expected a JSON object with a \"prompt\"")
+            continue
+        unknown = set(obj) - JSONL_FIELDS
+        if unknown:
+            errors.append(f"{origin}: unknown field \"{sorted(unknown)[0]}\" (known: {', '.join(sorted(JSONL_FIELDS))})")
+            continue
+        if not isinstance(obj.get("prompt"), str):
+            errors.append(f"{origin}: \"prompt\" must be a string")
+            continue
+        items.append(Item(obj, origin))
+    return items, errors
+
+
+def read_prompts_file(path: str) -> tuple[list[Item], list[str]]:
+    if path == "-":
+        return read_prompt_lines(sys.stdin.read(), "stdin", jsonl=False)
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"prompts file {p} not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read prompts file {p}: {e}") from None
+    return read_prompt_lines(text, p.name, jsonl=p.suffix.lower() == ".jsonl")
+
+
+TYPES = {"prompt": str, "negative_prompt": str, "seed": int, "width": int, "height": int, "num_steps": int,
+         "guidance_scale": float, "cfg_normalization": float, "cfg_truncation": float, "output": str,
+         "num_images": int}
+
+
+def typed(fields: dict, origin: str) -> dict:
+    """Check the JSON types of an item's fields (ints must be integers; floats may be integers)."""
+    out = {}
+    for k, v in fields.items():
+        want = TYPES[k]
+        ok = isinstance(v, str) if want is str else (
+            isinstance(v, int) and not isinstance(v, bool) if want is int else
+            isinstance(v, (int, float)) and not isinstance(v, bool))
+        if not ok:
+            raise ItemError(f"{origin}: \"{k}\" must be {'a string' if want is str else 'a number'} (got {v!r})")
+        out[k] = float(v) if want is float else v
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    jobs: list[Job]
+    errors: list[tuple[Item, str]]  # items (or images of items) that will not run, and why
+
+
+def plan_jobs(base: dict, items: list[Item], output: str, num_images: int, model: str, max_side: int,
+              guidance_given: bool, overwrite: bool) -> Plan:
+    """Expand items into jobs: per-item fields over `base` settings, seeds `seed + k` with k counted over the run
+    (or within the item when it names its own seed), files from the output template. Problems of single items
+    become errors; the other items still run."""
+    check_template(output)
+    errors: list[tuple[Item, str]] = []
+    expanded: list[tuple[Item, dict, str | None, int]] = []
+    for item in items:
+        try:
+            fields = typed(item.fields, item.origin)
+            count = fields.pop("num_images", num_images)
+            item_output = fields.pop("output", None)
+            if count < 1:
+                raise ItemError(f"{item.origin}: num_images must be at least 1")
+            if item_output is not None:
+                check_template(item_output)
+        except (ItemError, UsageError) as e:
+            errors.append((item, str(e) if isinstance(e, ItemError) else f"{item.origin}: {e}"))
+            continue
+        expanded += [(item, fields, item_output, k) for k in range(count)]
+
+    jobs: list[Job] = []
+    seen: dict[Path, str] = {}
+    for index, (item, fields, item_output, k) in enumerate(expanded):
+        merged = {**base, **fields}
+        if not guidance_given and "guidance_scale" not in fields:
+            merged["guidance_scale"] = DEFAULT_GUIDANCE_WITH_NEGATIVE if merged["negative_prompt"] else 0.0
+        if 0 <= merged["seed"] <= MAX_SEED:
+            merged["seed"] = (merged["seed"] + (k if "seed" in fields else index)) % (MAX_SEED + 1)
+        settings = Settings(**merged)
+        path = render_output(item_output or output, index, settings.seed, settings.prompt,
+                             len(expanded) > 1 and item_output is None)
+        problem = settings_problem(settings, max_side) or output_problem(path)
+        if not problem and path in seen:
+            problem = f"output {path} is also the output of {seen[path]}"
+        if not problem and path.exists() and not overwrite:
+            problem = f"{path} exists (use --overwrite to replace it)"
+        if problem:
+            errors.append((item, f"{item.origin}: {problem}"))
+            continue
+        seen[path] = item.origin
+        jobs.append(Job(settings, path, index, item.origin, model))
+    return Plan(jobs, errors)
+
+
+def settings_from(meta: dict) -> dict:
+    """Settings stored in an image's metadata, as keyword overrides."""
+    keys = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "num_steps",
+            "guidance": "guidance_scale", "cfg_normalization": "cfg_normalization",
+            "cfg_truncation": "cfg_truncation", "seed": "seed", "width": "width", "height": "height"}
+    return {ours: meta[theirs] for theirs, ours in keys.items() if theirs in meta}

@@ -1,0 +1,205 @@
+"""Prompt -> caption features -> latents -> image -> file, with each model resident only while it is needed."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from .images import save_image, to_pil
+from .jobs import Job
+from .offload import BlockStreamer, empty_cache
+from .scheduler import Guidance, SchedulerConfig, denoise, get_noise, get_sigmas, model_times
+from .text_encoder import TextEncoder
+from .transformer import TransformerConfig, ZImageTransformer
+from .vae import AutoencoderKL, VAEConfig
+from .weights import WEIGHT_STEMS, load_weights
+
+log = logging.getLogger("zimage")
+
+OFFLOAD_MODES = ("none", "model", "sequential")
+
+
+@dataclass(frozen=True)
+class Options:
+    model_path: Path
+    device: torch.device
+    dtype: torch.dtype
+    offload: str = "none"
+    compile: bool = False
+    vae_tile: int | None = None  # tile side in latent pixels; None decodes whole images
+    progress: bool = True
+    overwrite: bool = False
+
+
+@dataclass
+class Timings:
+    """Seconds spent per phase, for reporting and benchmarks."""
+
+    load: float = 0.0
+    encode: float = 0.0
+    steps: list[float] = field(default_factory=list)
+    decode: float = 0.0
+
+
+def load_transformer(model_path: Path, device: torch.device, dtype: torch.dtype) -> ZImageTransformer:
+    folder = model_path / "transformer"
+    with torch.device("meta"):
+        model = ZImageTransformer(TransformerConfig.from_json(folder / "config.json"))
+    return load_weights(model, folder, WEIGHT_STEMS["transformer"], dtype, device)
+
+
+def load_vae(model_path: Path, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
+    folder = model_path / "vae"
+    cfg = VAEConfig.from_json(folder / "config.json")
+    with torch.device("meta"):
+        model = AutoencoderKL(cfg)
+    return load_weights(model, folder, WEIGHT_STEMS["vae"], torch.float32 if cfg.force_upcast else dtype, device)
+
+
+def release(*modules) -> None:
+    """Drop the last references to big modules and give their memory back."""
+    devices = {p.device for m in modules if m is not None for p in m.parameters()}
+    del modules
+    gc.collect()
+    for d in devices:
+        empty_cache(d)
+
+
+def batches(jobs: list[Job], size: int) -> list[list[Job]]:
+    """Group jobs that can share a forward pass (same size, steps and guidance), keeping run order within a group."""
+    groups: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        s = job.settings
+        key = (s.width, s.height, s.num_steps, s.guidance_scale, s.cfg_normalization, s.cfg_truncation)
+        groups.setdefault(key, []).append(job)
+    return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
+class Pipeline:
+    """Runs jobs with the models of one checkpoint: encode every prompt, free the text encoder, then denoise and
+    decode batch by batch, writing each image as soon as it is decoded."""
+
+    def __init__(self, opts: Options):
+        self.opts = opts
+        self.scheduler = SchedulerConfig.from_json(opts.model_path / "scheduler" / "scheduler_config.json")
+        self.timings = Timings()
+        self.transformer: ZImageTransformer | None = None
+        self.vae: AutoencoderKL | None = None
+        self.streamer: BlockStreamer | None = None
+
+    @property
+    def compute_device(self) -> torch.device:
+        return self.opts.device
+
+    @property
+    def storage_device(self) -> torch.device:
+        """Where weights rest between uses: the CPU when offloading, else the compute device."""
+        return torch.device("cpu") if self.opts.offload != "none" else self.opts.device
+
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Caption features for each distinct prompt; the text encoder is loaded for this call only."""
+        unique = list(dict.fromkeys(prompts))
+        t0 = time.perf_counter()
+        encoder = TextEncoder.load(self.opts.model_path, self.compute_device, self.opts.dtype)
+        self.timings.load += time.perf_counter() - t0
+        log.info("text encoder loaded in %.1fs", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        feats = dict(zip(unique, encoder.encode(unique)))
+        self.timings.encode += time.perf_counter() - t0
+        release(encoder.model)
+        del encoder
+        return feats
+
+    def load_denoiser(self) -> None:
+        t0 = time.perf_counter()
+        self.transformer = load_transformer(self.opts.model_path, self.storage_device, self.opts.dtype)
+        if self.opts.offload == "sequential":
+            t = self.transformer
+            self.streamer = BlockStreamer(t, [*t.noise_refiner, *t.context_refiner, *t.layers], self.compute_device)
+        if self.opts.compile:
+            for block in [*self.transformer.noise_refiner, *self.transformer.context_refiner, *self.transformer.layers]:
+                block.compile(dynamic=False)
+        self.vae = load_vae(self.opts.model_path, self.storage_device, self.opts.dtype)
+        self.timings.load += time.perf_counter() - t0
+        log.info("transformer and VAE loaded in %.1fs", time.perf_counter() - t0)
+
+    def close(self) -> None:
+        if self.streamer is not None:
+            self.streamer.remove()
+        release(self.transformer, self.vae)
+        self.transformer = self.vae = self.streamer = None
+
+    def denoise_batch(self, batch: list[Job], feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Final latents (B, C, h, w), float32 on the compute device, for jobs sharing size and settings."""
+        s = batch[0].settings
+        model, device = self.transformer, self.compute_device
+        c, scale = model.cfg.in_channels, self.vae.cfg.scale_factor
+        noise = torch.cat([get_noise(1, c, s.height, s.width, j.settings.seed, scale) for j in batch]).to(device)
+        sigmas = get_sigmas(self.scheduler, s.num_steps, (noise.shape[2] // 2) * (noise.shape[3] // 2))
+        times = model_times(self.scheduler, sigmas)
+        guidance = Guidance(s.guidance_scale, s.cfg_normalization, s.cfg_truncation)
+        caps = [feats[j.settings.prompt].to(device) for j in batch]
+        neg = [feats[j.settings.negative_prompt].to(device) for j in batch] if guidance.scale > 0 else None
+        if self.opts.offload == "model":
+            model.to(device)
+        bar = tqdm(total=s.num_steps, desc=f"{len(batch)}x {s.width}x{s.height}", unit="step",
+                   disable=not self.opts.progress, leave=False)
+        last = [time.perf_counter()]
+
+        def on_step(i: int) -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            now = time.perf_counter()
+            self.timings.steps.append(now - last[0])
+            last[0] = now
+            bar.update()
+
+        try:
+            return denoise(model, noise, sigmas, times, caps, neg, guidance, on_step)
+        finally:
+            bar.close()
+            if self.opts.offload == "model":
+                model.to("cpu")
+                empty_cache(device)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        if self.opts.offload != "none":
+            self.vae.to(self.compute_device)
+        images = self.vae.decode(latents, tile=self.opts.vae_tile)
+        if self.opts.offload != "none":
+            self.vae.to("cpu")
+            empty_cache(self.compute_device)
+        self.timings.decode += time.perf_counter() - t0
+        return images
+
+    @torch.inference_mode()
+    def run(self, jobs: list[Job], batch_size: int, on_image: Callable[[Job, float], None],
+            on_error: Callable[[Job, str], None]) -> None:
+        """Make every job's image and write it to `job.output`, calling `on_image(job, seconds)` after each write
+        and `on_error(job, message)` when a file cannot be written."""
+        prompts = [j.settings.prompt for j in jobs]
+        prompts += [j.settings.negative_prompt for j in jobs if j.settings.guidance_scale > 0]
+        feats = self.encode(prompts)
+        self.load_denoiser()
+        try:
+            for batch in batches(jobs, batch_size):
+                t0 = time.perf_counter()
+                images = to_pil(self.decode(self.denoise_batch(batch, feats)))
+                seconds = (time.perf_counter() - t0) / len(batch)
+                for job, image in zip(batch, images):
+                    try:
+                        save_image(image, job.output, job.metadata, self.opts.overwrite)
+                    except OSError as e:  # this file only: the rest of the run can still be written
+                        on_error(job, f"could not write {job.output}: {e.strerror or e}")
+                        continue
+                    on_image(job, seconds)
+        finally:
+            self.close()
