@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random checkpoints in the published layout, written by the project's own code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from zimage.tiny import TinySpec, make_tiny  # noqa: E402
+
+# Three shapes that between them cover: single file and shards, text encoder keys with and without the
+# `model.` prefix, static and dynamic shift, several head counts and refiner depths.
+SPECS = {
+    "single": TinySpec(),
+    "sharded": TinySpec(dim=96, n_layers=3, n_refiner_layers=2, n_heads=3, axes_dims=(8, 8, 16), te_hidden=64,
+                        te_layers=4, te_heads=4, te_kv_heads=1, te_intermediate=80, shards=3, te_prefix=False,
+                        dynamic_shift=True, seed=1),
+    "wide": TinySpec(dim=128, n_layers=2, n_refiner_layers=2, n_heads=4, axes_dims=(8, 12, 12), te_hidden=32,
+                     te_layers=2, te_heads=2, te_kv_heads=2, te_intermediate=64, vae_channels=(8, 16, 16, 16),
+                     shards=2, shift=6.0, seed=2),
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {name: make_tiny(root / name, spec) for name, spec in SPECS.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny(checkpoints) -> Path:
+    """The default tiny checkpoint (single files, static shift)."""
+    return checkpoints["single"]
+
+
+@pytest.fixture
+def fresh_tiny(tmp_path) -> Path:
+    """A private copy of the default tiny checkpoint that a test may damage."""
+    return make_tiny(tmp_path / "model", SPECS["single"])
