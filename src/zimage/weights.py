@@ -138,6 +138,27 @@ def match_keys(
     return mapping
 
 
+READ_GROUP_BYTES = 512 * 2**20
+
+
+def read_groups(header: dict[str, tuple[Path, TensorInfo]], mapping: dict[str, str]) -> list[tuple[Path, list[str]]]:
+    """Module keys grouped by file into runs of at most READ_GROUP_BYTES on disk.
+
+    Each group is read through its own memory map: closing it unmaps the pages read, which would otherwise stay
+    resident until the whole file is done (24.6 GB for the published float32 transformer).
+    """
+    groups: list[tuple[Path, list[str]]] = []
+    size = 0
+    for key in sorted(mapping, key=lambda k: str(header[mapping[k]][0])):
+        path, info = header[mapping[key]]
+        if not groups or groups[-1][0] != path or size + info.nbytes > READ_GROUP_BYTES:
+            groups.append((path, []))
+            size = 0
+        groups[-1][1].append(key)
+        size += info.nbytes
+    return groups
+
+
 def load_weights(
     module: nn.Module,
     folder: Path,
@@ -153,11 +174,8 @@ def load_weights(
     """
     header = checkpoint_header(folder, stem)
     mapping = match_keys(header, expected_shapes(module), rename, folder)
-    by_file: dict[Path, list[str]] = {}
-    for key, name in mapping.items():
-        by_file.setdefault(header[name][0], []).append(key)
     state: dict[str, torch.Tensor] = {}
-    for path, keys in by_file.items():
+    for path, keys in read_groups(header, mapping):
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in keys:
