@@ -86,7 +86,8 @@ def base_settings(from_png: Optional[Path], **given) -> tuple[dict, dict]:
         except (OSError, ValueError) as e:
             raise UsageError(f"--from-png: {e}") from None
     defaults = {f: getattr(Settings, f) for f in Settings.__dataclass_fields__ if f != "prompt"}
-    merged = {**defaults, **settings_from(meta), **{k: v for k, v in given.items() if v is not None}}
+    stored = {k: v for k, v in settings_from(meta).items() if k != "prompt"}  # prompts come as items
+    merged = {**defaults, **stored, **{k: v for k, v in given.items() if v is not None}}
     return merged, meta
 
 
@@ -228,7 +229,8 @@ def plan(prompt, prompts_file, negative_prompt, model_path, width, height, num_s
     tcfg = TransformerConfig.from_json(model / "transformer" / "config.json")
     vcfg = VAEConfig.from_json(model / "vae" / "config.json")
     max_side = tcfg.max_image_side * vcfg.scale_factor
-    result = plan_jobs(base, items, output, num_images, str(model), max_side, guidance_scale is not None, overwrite)
+    guidance_given = guidance_scale is not None or "guidance_scale" in settings_from(meta)
+    result = plan_jobs(base, items, output, num_images, str(model), max_side, guidance_given, overwrite)
     cli_errors = [m for item, m in result.errors if item.from_cli]
     if cli_errors:
         raise UsageError(cli_errors[0])
