@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 GROUP_NORM_EPS = 1e-6
+STAT_PASSES = 2  # statistics-measuring passes of a tiled decode before the one kept
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,53 @@ class VAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
 
-def group_norm(cfg: VAEConfig, channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(cfg.norm_num_groups, channels, eps=GROUP_NORM_EPS)
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm that can share statistics across the tiles of a tiled decode.
+
+    It normalizes with `fixed` statistics when they are set, else with its input's own. While `owned` is set (the
+    part of the current tile that no other tile owns, as fractions of the tile's height and width), it also adds
+    the per-group sums of that part of its input to `totals`, from which `fix` makes the next statistics.
+    """
+
+    def __init__(self, groups: int, channels: int, eps: float):
+        super().__init__(groups, channels, eps=eps)
+        self.owned: tuple[float, float, float, float] | None = None
+        self.totals: tuple[Tensor, Tensor, int] | None = None
+        self.fixed: tuple[Tensor, Tensor] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.owned is not None:
+            self._accumulate(x)
+        if self.fixed is None:
+            return super().forward(x)
+        mean, var = self.fixed
+        g = x.float().reshape(x.shape[0], self.num_groups, -1)
+        g = (g - mean[..., None]) * torch.rsqrt(var[..., None] + self.eps)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return (g.reshape(x.shape) * self.weight.view(shape) + self.bias.view(shape)).to(x.dtype)
+
+    def _accumulate(self, x: Tensor) -> None:
+        h, w = x.shape[-2:]
+        y0, y1, x0, x1 = self.owned
+        part = x[..., round(y0 * h) : round(y1 * h), round(x0 * w) : round(x1 * w)]
+        g = part.float().reshape(x.shape[0], self.num_groups, -1)
+        s, sq, n = g.sum(-1, dtype=torch.float64), g.double().pow(2).sum(-1), g.shape[-1]
+        self.totals = (s, sq, n) if self.totals is None else (self.totals[0] + s, self.totals[1] + sq,
+                                                               self.totals[2] + n)
+
+    def fix(self) -> None:
+        """Normalize from now on with the mean and variance of everything accumulated, and start afresh."""
+        s, sq, n = self.totals
+        mean = s / n
+        self.fixed = (mean.float(), (sq / n - mean**2).clamp_min(0).float())
+        self.totals = None
+
+    def reset(self) -> None:
+        self.owned, self.totals, self.fixed = None, None, None
+
+
+def group_norm(cfg: VAEConfig, channels: int) -> GroupNorm:
+    return GroupNorm(cfg.norm_num_groups, channels, GROUP_NORM_EPS)
 
 
 class ResnetBlock(nn.Module):
@@ -184,7 +230,10 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
-        x = self.mid_block(self.conv_in(z))
+        return self.upsample(self.mid_block(self.conv_in(z)))
+
+    def upsample(self, x: Tensor) -> Tensor:
+        """The part after the mid block: local convolutions and upsampling to pixels."""
         for block in self.up_blocks:
             x = block(x)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
@@ -199,6 +248,13 @@ def blend_ramp(n: int, overlap: int, fade_in: bool, fade_out: bool, device: torc
     if fade_out:
         ramp[n - overlap :] = steps.flip(0)
     return ramp
+
+
+def owned_span(starts: list[int], i: int, tile: int) -> tuple[int, int]:
+    """The part of tile i that it alone accounts for: overlaps are split at their middle."""
+    lo = 0 if i == 0 else (starts[i] + starts[i - 1] + tile) // 2
+    hi = starts[i] + tile if i == len(starts) - 1 else (starts[i + 1] + starts[i] + tile) // 2
+    return lo, hi
 
 
 def tile_starts(size: int, tile: int, stride: int) -> list[int]:
@@ -232,11 +288,11 @@ class AutoencoderKL(nn.Module):
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
-    def decode(self, latents: Tensor, tile: int | None = None, overlap: int = 8) -> Tensor:
+    def decode(self, latents: Tensor, tile: int | None = None, overlap: int = 16) -> Tensor:
         """Decode sampler latents (scaled and shifted per the config) to float32 images in about [-1, 1].
 
-        With `tile` (in latent pixels), decodes overlapping tiles and blends them linearly, so memory follows
-        the tile size instead of the image size.
+        With `tile` (in latent pixels), the upsampling stages run on overlapping tiles blended linearly, so
+        memory follows the tile size instead of the image size.
         """
         z = latents / self.cfg.scaling_factor + self.cfg.shift_factor
         if tile is None or (z.shape[-2] <= tile and z.shape[-1] <= tile):
@@ -244,20 +300,46 @@ class AutoencoderKL(nn.Module):
         return self._decode_tiled(z, tile, overlap)
 
     def _decode_tiled(self, z: Tensor, tile: int, overlap: int) -> Tensor:
+        # The mid block (with its global attention) runs whole: at latent resolution it is small. Only the
+        # upsampling stages, where the memory goes, run per tile. Their group norms must see the whole image's
+        # statistics, or each tile gets its own tone: passes over the tiles measure them (each tile contributing
+        # the region it owns), refining them STAT_PASSES times before the pass that is kept.
+        z = z.to(self.dtype)
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        h = self.decoder.mid_block(self.decoder.conv_in(z))
+        norms = [m for block in (*self.decoder.up_blocks, self.decoder.conv_norm_out) for m in block.modules()
+                 if isinstance(m, GroupNorm)]
+        try:
+            for _ in range(STAT_PASSES):
+                self._blend_tiles(h, tile, overlap, norms)
+                for m in norms:
+                    m.fix()
+            return self._blend_tiles(h, tile, overlap, [])
+        finally:
+            for m in norms:
+                m.reset()
+
+    def _blend_tiles(self, h: Tensor, tile: int, overlap: int, recorders: list[GroupNorm]) -> Tensor:
         s = self.cfg.scale_factor
-        b, _, h, w = z.shape
-        out = torch.zeros(b, self.cfg.out_channels, h * s, w * s, device=z.device)
-        weight = torch.zeros(1, 1, h * s, w * s, device=z.device)
-        ys, xs = tile_starts(h, tile, tile - overlap), tile_starts(w, tile, tile - overlap)
-        for y in ys:
-            for x in xs:
-                th, tw = min(tile, h), min(tile, w)
-                piece = self.decode_raw(z[:, :, y : y + th, x : x + tw]).float()
-                wy = blend_ramp(th * s, overlap * s, y > 0, y + th < h, z.device)
-                wx = blend_ramp(tw * s, overlap * s, x > 0, x + tw < w, z.device)
+        b, _, height, width = h.shape
+        out = torch.zeros(b, self.cfg.out_channels, height * s, width * s, device=h.device)
+        weight = torch.zeros(1, 1, height * s, width * s, device=h.device)
+        th, tw = min(tile, height), min(tile, width)
+        ys, xs = tile_starts(height, tile, tile - overlap), tile_starts(width, tile, tile - overlap)
+        for i, y in enumerate(ys):
+            for j, x in enumerate(xs):
+                (oy0, oy1), (ox0, ox1) = owned_span(ys, i, th), owned_span(xs, j, tw)
+                for m in recorders:
+                    m.owned = ((oy0 - y) / th, (oy1 - y) / th, (ox0 - x) / tw, (ox1 - x) / tw)
+                piece = self.decoder.upsample(h[:, :, y : y + th, x : x + tw]).float()
+                wy = blend_ramp(th * s, overlap * s, y > 0, y + th < height, h.device)
+                wx = blend_ramp(tw * s, overlap * s, x > 0, x + tw < width, h.device)
                 mask = (wy[:, None] * wx[None, :])[None, None]
                 out[:, :, y * s : (y + th) * s, x * s : (x + tw) * s] += piece * mask
                 weight[:, :, y * s : (y + th) * s, x * s : (x + tw) * s] += mask
+        for m in recorders:
+            m.owned = None
         return out / weight
 
     def encode(self, images: Tensor) -> Tensor:
