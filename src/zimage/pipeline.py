@@ -107,7 +107,11 @@ class Pipeline:
         """Caption features for each distinct prompt; the text encoder is loaded for this call only."""
         unique = list(dict.fromkeys(prompts))
         t0 = time.perf_counter()
-        encoder = TextEncoder.load(self.opts.model_path, self.compute_device, self.opts.dtype)
+        streamed = self.opts.offload == "sequential"
+        encoder = TextEncoder.load(self.opts.model_path, self.storage_device if streamed else self.compute_device,
+                                   self.opts.dtype)
+        if streamed:
+            BlockStreamer(encoder.model, list(encoder.model.layers), self.compute_device)
         self.timings.load += time.perf_counter() - t0
         log.info("text encoder loaded in %.1fs", time.perf_counter() - t0)
         t0 = time.perf_counter()
