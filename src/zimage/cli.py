@@ -24,6 +24,7 @@ log = logging.getLogger("zimage")
 DEFAULT_MODEL = Path("weights/Z-Image-Turbo")
 DEFAULT_OUTPUT = "z_image_output.png"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+VAE_TILE = 64  # latent pixels (512 px) per tile with --vae-tiling
 
 
 def err(message: str) -> None:
@@ -122,84 +123,98 @@ def generate(
 ) -> None:
     """Turn prompts into images."""
     setup_logging(quiet, debug)
-    written: list[Job] = []
-    failed: list[str] = []
     with reported(debug):
-        jobs, failed, model = plan(prompt, prompts_file, negative_prompt, model_path, width, height, num_steps,
-                                   guidance_scale, cfg_normalization, cfg_truncation, seed, output, num_images,
-                                   batch_size, from_png, overwrite)
-        for message in failed:
-            err(f"skipped: {message}")
-        if not jobs:
-            err("nothing to generate")
-            raise typer.Exit(EXIT_FAILED)
-        import torch
-
-        from .devices import choose_offload, estimate, pick_device, pick_dtype
-        from .pipeline import OFFLOAD_MODES, Options, Pipeline
-
-        if offload is not None and offload not in OFFLOAD_MODES:
-            raise UsageError(f"--offload must be one of {', '.join(OFFLOAD_MODES)} (got '{offload}')")
         if batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
-        dev = pick_device(device, cpu)
-        dt = pick_dtype(dtype, dev, force)
-        widest = max(jobs, key=lambda j: j.settings.width * j.settings.height).settings
-        needs = estimate(model, dt, widest.width, widest.height, min(batch_size, len(jobs)),
-                         any(j.settings.guidance_scale > 0 for j in jobs))
-        mode, note = choose_offload(needs, dev, offload)
-        if note:
-            log.info(note)
-        log.info("device %s, %s, offload %s; %d image(s)", dev, str(dt).removeprefix("torch."), mode, len(jobs))
-        opts = Options(model, dev, dt, mode, compile_, 64 if vae_tiling else None, not quiet, overwrite)
-        start = time.perf_counter()
-
-        def on_image(job: Job, seconds: float) -> None:
-            written.append(job)
-            s = job.settings
-            if json_out:
-                typer.echo(json.dumps({"path": str(job.output), "prompt": s.prompt, "seed": s.seed,
-                                       "width": s.width, "height": s.height, "steps": s.num_steps,
-                                       "guidance": s.guidance_scale, "seconds": round(seconds, 3)}))
-            if len(jobs) > 1:
-                log.info("wrote %s (seed %d, %.1fs)", job.output, s.seed, seconds)
-
-        def on_error(job: Job, message: str) -> None:
-            failed.append(message)
-            err(f"failed: {job.origin}: {message}")
-
-        try:
-            with torch.inference_mode():
-                Pipeline(opts).run(jobs, batch_size, on_image, on_error)
-        except KeyboardInterrupt:
-            err(f"interrupted: {len(written)} of {len(jobs)} image(s) written"
-                + "".join(f"\n  {j.output}" for j in written))
-            raise typer.Exit(EXIT_INTERRUPTED)
-        elapsed = time.perf_counter() - start
-        if len(jobs) == 1 and written:
-            s = written[0].settings
-            err(f"Saved {written[0].output} (seed {s.seed}, {elapsed:.1f}s)")
-        else:
-            err(f"{len(written)} image(s) written, {len(failed)} failed, in {elapsed:.1f}s")
-    raise typer.Exit(EXIT_OK if not failed else EXIT_FAILED)
+        if num_images < 1:
+            raise UsageError(f"--num-images must be at least 1 (got {num_images})")
+        settings = dict(negative_prompt=negative_prompt, width=width, height=height, num_steps=num_steps,
+                        guidance_scale=guidance_scale, cfg_normalization=cfg_normalization,
+                        cfg_truncation=cfg_truncation, seed=seed)
+        jobs, skipped, model = plan(prompt, prompts_file, from_png, model_path, output, num_images, overwrite,
+                                    settings)
+        opts = runtime_options(model, jobs, batch_size, cpu, device, dtype, force, offload, compile_, vae_tiling,
+                               quiet, overwrite)
+        for message in skipped:
+            err(f"skipped: {message}")
+        failed = run_jobs(opts, jobs, batch_size, json_out)
+    raise typer.Exit(EXIT_OK if not failed and not skipped else EXIT_FAILED)
 
 
-def plan(prompt, prompts_file, negative_prompt, model_path, width, height, num_steps, guidance_scale,
-         cfg_normalization, cfg_truncation, seed, output, num_images, batch_size, from_png, overwrite):
+def runtime_options(model: Path, jobs: list[Job], batch_size: int, cpu: bool, device: Optional[str],
+                    dtype: Optional[str], force: bool, offload: Optional[str], compile_: bool, vae_tiling: bool,
+                    quiet: bool, overwrite: bool):
+    """Device, dtype and offload mode for the run, after checking that its largest batch fits in memory."""
+    from .devices import choose_offload, estimate, pick_device, pick_dtype
+    from .pipeline import OFFLOAD_MODES, Options
+
+    if offload is not None and offload not in OFFLOAD_MODES:
+        raise UsageError(f"--offload must be one of {', '.join(OFFLOAD_MODES)} (got '{offload}')")
+    dev = pick_device(device, cpu)
+    dt = pick_dtype(dtype, dev, force)
+    if not jobs:
+        return Options(model, dev, dt)
+    largest = max(jobs, key=lambda j: j.settings.width * j.settings.height).settings
+    needs = estimate(model, dt, largest.width, largest.height, min(batch_size, len(jobs)),
+                     any(j.settings.guidance_scale > 0 for j in jobs))
+    mode, note = choose_offload(needs, dev, offload)
+    if note:
+        log.info(note)
+    log.info("device %s, %s, offload %s; %d image(s)", dev, str(dt).removeprefix("torch."), mode, len(jobs))
+    return Options(model, dev, dt, mode, compile_, VAE_TILE if vae_tiling else None, not quiet, overwrite)
+
+
+def run_jobs(opts, jobs: list[Job], batch_size: int, json_out: bool) -> list[str]:
+    """Make the images, reporting each as it is written. Returns the failures; exits 130 on Ctrl-C after
+    saying which images were written."""
+    from .pipeline import Pipeline
+
+    if not jobs:
+        err("nothing to generate")
+        return ["nothing to generate"]
+    written: list[Job] = []
+    failed: list[str] = []
+
+    def on_image(job: Job, seconds: float) -> None:
+        written.append(job)
+        s = job.settings
+        if json_out:
+            typer.echo(json.dumps({"path": str(job.output), "prompt": s.prompt, "seed": s.seed, "width": s.width,
+                                   "height": s.height, "steps": s.num_steps, "guidance": s.guidance_scale,
+                                   "seconds": round(seconds, 3)}))
+        if len(jobs) > 1:
+            log.info("wrote %s (seed %d, %.1fs)", job.output, s.seed, seconds)
+
+    def on_error(job: Job, message: str) -> None:
+        failed.append(message)
+        err(f"failed: {job.origin}: {message}")
+
+    start = time.perf_counter()
+    try:
+        Pipeline(opts).run(jobs, batch_size, on_image, on_error)
+    except KeyboardInterrupt:
+        err(f"interrupted: {len(written)} of {len(jobs)} image(s) written" + "".join(f"\n  {j.output}" for j in written))
+        raise typer.Exit(EXIT_INTERRUPTED)
+    elapsed = time.perf_counter() - start
+    if len(jobs) == 1 and written:
+        err(f"Saved {written[0].output} (seed {written[0].settings.seed}, {elapsed:.1f}s)")
+    else:
+        err(f"{len(written)} image(s) written, {len(failed)} failed, in {elapsed:.1f}s")
+    return failed
+
+
+def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path], model_path: Optional[Path],
+         output: Optional[str], num_images: int, overwrite: bool, given: dict) -> tuple[list[Job], list[str], Path]:
     """Everything checkable before loading: settings, prompts, outputs, the model folder. Returns the jobs,
-    the messages of skipped items, and the model folder."""
+    the messages of skipped items, and the model folder. `given` holds the setting flags (None = not given)."""
     from .check import require_layout
     from .transformer import TransformerConfig
     from .vae import VAEConfig
 
-    base, meta = base_settings(from_png, negative_prompt=negative_prompt, width=width, height=height,
-                               num_steps=num_steps, guidance_scale=guidance_scale,
-                               cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation, seed=seed)
-    if seed is None and "seed" not in meta:
+    base, meta = base_settings(from_png, **given)
+    if given["seed"] is None and "seed" not in meta:
         base["seed"] = secrets.randbits(32)
         log.info("seed %d (random; pass --seed %d to reproduce)", base["seed"], base["seed"])
-    if num_images < 1:
-        raise UsageError(f"--num-images must be at least 1 (got {num_images})")
     model = model_path or (Path(meta["model_path"]) if "model_path" in meta else DEFAULT_MODEL)
     output = output or DEFAULT_OUTPUT
 
@@ -229,7 +244,7 @@ def plan(prompt, prompts_file, negative_prompt, model_path, width, height, num_s
     tcfg = TransformerConfig.from_json(model / "transformer" / "config.json")
     vcfg = VAEConfig.from_json(model / "vae" / "config.json")
     max_side = tcfg.max_image_side * vcfg.scale_factor
-    guidance_given = guidance_scale is not None or "guidance_scale" in settings_from(meta)
+    guidance_given = given["guidance_scale"] is not None or "guidance_scale" in settings_from(meta)
     result = plan_jobs(base, items, output, num_images, str(model), max_side, guidance_given, overwrite)
     cli_errors = [m for item, m in result.errors if item.from_cli]
     if cli_errors:
