@@ -112,13 +112,18 @@ def test_no_attention_mask_when_the_batch_needs_none(tiny, monkeypatch):
         assert any(m is not None for m in masks)
 
 
-def test_rope_tables_are_built_once_per_device(tiny):
+def test_rope_tables_are_built_once_per_device_and_size(tiny, monkeypatch):
     model: ZImageTransformer = load_transformer(tiny, CPU, torch.float32)
+    lookups = []
+    real = model.rope.__call__
+    monkeypatch.setattr(model, "rope", lambda ids: lookups.append(ids.shape) or real(ids))
     with torch.inference_mode():
-        model(torch.randn(1, 16, 8, 8), torch.rand(1), [torch.randn(3, 48)])
-        tables = model.rope._tables[CPU]
+        for _ in range(3):  # three steps at one size: one lookup per token group
+            model(torch.randn(1, 16, 8, 8), torch.rand(1), [torch.randn(3, 48)])
+        assert len(lookups) == 2
         model(torch.randn(1, 16, 4, 12), torch.rand(1), [torch.randn(50, 48)])
-    assert model.rope._tables[CPU] is tables
+        assert len(lookups) == 4
+    assert list(real.__self__._tables) == [CPU]
 
 
 @torch.inference_mode()

@@ -274,6 +274,20 @@ class ZImageTransformer(nn.Module):
         self.cap_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
         self.layers = nn.ModuleList([TransformerBlock(cfg, True) for _ in range(cfg.n_layers)])
         self.rope = RopeTables(cfg)
+        self._rope_cache: dict[tuple, tuple] = {}
+
+    def rope_for(self, cap_lens: list[int], cap_total: int, gh: int, gw: int, device: torch.device) -> tuple:
+        """cos/sin for the image tokens, the caption tokens and the joint sequence; cached per size, since every
+        step of a run asks for the same."""
+        key = (tuple(cap_lens), cap_total, gh, gw, device)
+        if key not in self._rope_cache:
+            if len(self._rope_cache) >= 8:
+                self._rope_cache.pop(next(iter(self._rope_cache)))
+            img = self.rope(torch.stack([image_position_ids(n, gh, gw, device) for n in cap_lens])[:, None])
+            cap = self.rope(caption_position_ids(cap_total, device)[None, None])
+            joint = tuple(torch.cat([a, b.expand(len(a), -1, -1, -1)], dim=2) for a, b in zip(img, cap))
+            self._rope_cache[key] = (img, cap, joint)
+        return self._rope_cache[key]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -298,8 +312,7 @@ class ZImageTransformer(nn.Module):
         img = self.all_x_embedder[cfg.patch_key](patchify(x.to(self.dtype), p))
         img = torch.stack([pad_with_token(i, self.x_pad_token) for i in img])
         cap, cap_lens = self.embed_captions(cap_feats)
-        img_rope = self.rope(torch.stack([image_position_ids(n, gh, gw, x.device) for n in cap_lens])[:, None])
-        cap_rope = self.rope(caption_position_ids(cap.shape[1], x.device)[None, None])
+        img_rope, cap_rope, rope = self.rope_for(cap_lens, cap.shape[1], gh, gw, x.device)
 
         for block in self.noise_refiner:
             img = block(img, img_rope, None, t_emb)
@@ -309,7 +322,6 @@ class ZImageTransformer(nn.Module):
 
         n_img = img.shape[1]
         seq = torch.cat([img, cap], dim=1)
-        rope = tuple(torch.cat([a, b.expand(len(a), -1, -1, -1)], dim=2) for a, b in zip(img_rope, cap_rope))
         mask = batch_mask([n_img + n for n in cap_lens], seq.shape[1], x.device)
         for block in self.layers:
             seq = block(seq, rope, mask, t_emb)
