@@ -30,6 +30,8 @@ class BlockStreamer:
                 p.data = p.data.to(device)
         pin = device.type == "cuda"
         self.host = [[p.data.pin_memory() if pin else p.data for p in b.parameters()] for b in blocks]
+        for i in range(len(blocks)):
+            self._leave(i)  # drop the unpinned originals now, or the host would hold the blocks twice
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.ready: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
         self.handles = []
@@ -41,7 +43,7 @@ class BlockStreamer:
         if i in self.ready or i >= len(self.blocks):
             return
         if self.stream is None:
-            self.ready[i] = ([t.to(self.device) for t in self.host[i]], None)
+            self.ready[i] = ([t.to(self.device, copy=True) for t in self.host[i]], None)
             return
         with torch.cuda.stream(self.stream):
             tensors = [t.to(self.device, non_blocking=True) for t in self.host[i]]
