@@ -29,10 +29,26 @@ def require_layout(model_path: Path) -> None:
         if name in CONFIG_NAMES:
             read_json(folder / CONFIG_NAMES[name])
         if name == "tokenizer":
-            for fname in TOKENIZER_FILES:
-                read_json(folder / fname)
+            require_tokenizer(folder)
         if name in WEIGHT_STEMS:
             weight_files(folder, WEIGHT_STEMS[name])
+
+
+def require_tokenizer(folder: Path) -> None:
+    """Fail with MissingFileError unless the tokenizer can be built: its config, and `tokenizer.json` or the
+    `vocab.json` + `merges.txt` pair it can be rebuilt from."""
+    for fname in TOKENIZER_FILES:
+        read_json(folder / fname)
+    if (folder / "tokenizer.json").is_file():
+        return
+    if (folder / "vocab.json").is_file() and not (folder / "merges.txt").is_file():
+        raise MissingFileError(f"missing {folder / 'tokenizer.json'} (or {folder / 'merges.txt'} beside vocab.json)")
+    if not (folder / "vocab.json").is_file():
+        raise MissingFileError(f"missing {folder / 'tokenizer.json'}")
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def missing_hint(e: MissingFileError) -> str:
@@ -48,13 +64,18 @@ def expected_text_encoder(folder: Path) -> dict[str, tuple[int, ...]]:
 
 
 def expected_for(model_path: Path, name: str) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of the component its config describes, built on the meta device (no memory, no data).
+    Any failure to build it is the config's fault and raises WeightsError naming the config."""
     folder = model_path / name
-    with torch.device("meta"):
-        if name == "transformer":
-            return expected_shapes(ZImageTransformer(TransformerConfig.from_json(folder / "config.json")))
-        if name == "vae":
-            return expected_shapes(AutoencoderKL(VAEConfig.from_json(folder / "config.json")))
-    return expected_text_encoder(folder)
+    try:
+        with torch.device("meta"):
+            if name == "transformer":
+                return expected_shapes(ZImageTransformer(TransformerConfig.from_json(folder / "config.json")))
+            if name == "vae":
+                return expected_shapes(AutoencoderKL(VAEConfig.from_json(folder / "config.json")))
+        return expected_text_encoder(folder)
+    except Exception as e:  # bad values surface as TypeError, ValueError or library-specific errors
+        raise WeightsError(f"{folder / CONFIG_NAMES[name]}: {one_line(e)}") from None
 
 
 def text_encoder_key(name: str) -> str | None:
@@ -77,22 +98,33 @@ class ComponentReport:
         if not self.files:
             return f"{self.name:<13} ok"
         return (f"{self.name:<13} ok    {self.files} file(s), {self.parameters:,} parameters, "
-                f"{'/'.join(self.dtypes)}, {self.bytes / 2**30:.2f} GiB")
+                f"{'/'.join(self.dtypes)}, {human_bytes(self.bytes)}")
+
+
+def human_bytes(n: int) -> str:
+    """Bytes in the largest binary unit that keeps the number at least 1 (a small checkpoint is not '0.00 GiB')."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
 
 
 def check_component(model_path: Path, name: str) -> ComponentReport:
+    """The report of one component; never raises, so that every component gets its line."""
     folder = model_path / name
     try:
         if not folder.is_dir():
             raise MissingFileError(f"missing component folder {folder}")
         if name == "scheduler":
-            SchedulerConfig.from_json(folder / CONFIG_NAMES[name])
+            config = folder / CONFIG_NAMES[name]
+            read_json(config)  # names the file when it is missing or not JSON
+            try:
+                SchedulerConfig.from_json(config)
+            except (ValueError, TypeError) as e:
+                raise WeightsError(f"{config}: {one_line(e)}") from None
             return ComponentReport(name, True)
         if name == "tokenizer":
-            for fname in TOKENIZER_FILES:
-                read_json(folder / fname)
-            if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
-                raise MissingFileError(f"missing {folder / 'tokenizer.json'}")
+            require_tokenizer(folder)
             return ComponentReport(name, True)
         read_json(folder / CONFIG_NAMES[name])
         header = checkpoint_header(folder, WEIGHT_STEMS[name])
@@ -104,20 +136,24 @@ def check_component(model_path: Path, name: str) -> ComponentReport:
                                dtypes=sorted({i.dtype for i in infos}), bytes=sum(i.nbytes for i in infos))
     except MissingFileError as e:
         return ComponentReport(name, False, problem=missing_hint(e))
-    except (WeightsError, ValueError, TypeError, OSError) as e:
-        return ComponentReport(name, False, problem=str(e))
+    except WeightsError as e:
+        return ComponentReport(name, False, problem=one_line(e))
+    except Exception as e:  # unforeseen: still one line for this component, and the others still get checked
+        return ComponentReport(name, False, problem=f"{type(e).__name__}: {one_line(e)}")
 
 
 def check_model(model_path: Path) -> list[ComponentReport]:
-    """One report per component; `model_index.json` problems are reported as the component `model_index`."""
-    reports = []
+    """One report per component; `model_index.json` problems are reported as the component `model_index`.
+    Only a missing model folder stops the check early: otherwise every component is checked, so that one run
+    lists everything that needs downloading again."""
+    if not model_path.is_dir():
+        return [ComponentReport("model_index", False,
+                                problem=missing_hint(MissingFileError(f"model folder {model_path} not found")))]
     try:
-        if not model_path.is_dir():
-            raise MissingFileError(f"model folder {model_path} not found")
         read_json(model_path / "model_index.json")
-        reports.append(ComponentReport("model_index", True))
+        report = ComponentReport("model_index", True)
     except MissingFileError as e:
-        return [ComponentReport("model_index", False, problem=missing_hint(e))]
+        report = ComponentReport("model_index", False, problem=missing_hint(e))
     except WeightsError as e:
-        reports.append(ComponentReport("model_index", False, problem=str(e)))
-    return reports + [check_component(model_path, name) for name in COMPONENTS]
+        report = ComponentReport("model_index", False, problem=one_line(e))
+    return [report] + [check_component(model_path, name) for name in COMPONENTS]

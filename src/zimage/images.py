@@ -15,8 +15,16 @@ FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 EXIF_USER_COMMENT = 0x9286
 
 
+class NonFiniteImage(ValueError):
+    """A decoded image holds NaN or Inf: written out it would be a black (or speckled) picture."""
+
+
 def to_pil(images: Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) float images in [-1, 1] to 8-bit RGB pictures, rounding as the reference does."""
+    """(B, 3, H, W) float images in [-1, 1] to 8-bit RGB pictures, rounding as the reference does.
+    Raises NonFiniteImage rather than turn NaN or Inf into black pixels."""
+    if not bool(images.isfinite().all()):
+        raise NonFiniteImage("the decoded image holds NaN or Inf values (the VAE overflowed, or its weights do); "
+                             "no image was written for this batch. Try --dtype float32, or download the VAE again")
     x = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in x]
 

@@ -33,13 +33,16 @@ class MissingFileError(WeightsError):
 
 
 def read_json(path: Path) -> dict:
-    """Parse a JSON file, naming the file in any error."""
+    """Parse a JSON file that must hold one object (every config and index does), naming the file in any error."""
     if not path.is_file():
         raise MissingFileError(f"missing {path}")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WeightsError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):  # callers index into it; a list or a number would fail far from the file
+        raise WeightsError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
 
 
 @dataclass(frozen=True)
