@@ -11,7 +11,8 @@ from .scheduler import SchedulerConfig
 from .transformer import TransformerConfig, ZImageTransformer
 from .vae import AutoencoderKL, VAEConfig
 from .weights import (CONFIG_NAMES, DOWNLOAD_HINT, TOKENIZER_FILES, WEIGHT_STEMS, MissingFileError, WeightsError,
-                      checkpoint_header, expected_shapes, match_keys, read_json, weight_files)
+                      checkpoint_header, expected_shapes, human_bytes, match_keys, read_config, read_json,
+                      weight_files)
 
 COMPONENTS = ("scheduler", "tokenizer", "text_encoder", "transformer", "vae")
 
@@ -101,14 +102,6 @@ class ComponentReport:
                 f"{'/'.join(self.dtypes)}, {human_bytes(self.bytes)}")
 
 
-def human_bytes(n: int) -> str:
-    """Bytes in the largest binary unit that keeps the number at least 1 (a small checkpoint is not '0.00 GiB')."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
-
-
 def check_component(model_path: Path, name: str) -> ComponentReport:
     """The report of one component; never raises, so that every component gets its line."""
     folder = model_path / name
@@ -116,12 +109,7 @@ def check_component(model_path: Path, name: str) -> ComponentReport:
         if not folder.is_dir():
             raise MissingFileError(f"missing component folder {folder}")
         if name == "scheduler":
-            config = folder / CONFIG_NAMES[name]
-            read_json(config)  # names the file when it is missing or not JSON
-            try:
-                SchedulerConfig.from_json(config)
-            except (ValueError, TypeError) as e:
-                raise WeightsError(f"{config}: {one_line(e)}") from None
+            read_config(SchedulerConfig.from_json, folder / CONFIG_NAMES[name])
             return ComponentReport(name, True)
         if name == "tokenizer":
             require_tokenizer(folder)

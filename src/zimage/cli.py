@@ -7,6 +7,7 @@ import logging
 import secrets
 import sys
 import time
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -15,7 +16,7 @@ import typer
 
 from .jobs import (MAX_SEED, Item, Job, UsageError, output_problem, plan_jobs, read_prompts_file, settings_from,
                    settings_problem, Settings)
-from .weights import DOWNLOAD_HINT, MissingFileError, WeightsError
+from .weights import DOWNLOAD_HINT, MissingFileError, WeightsError, read_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Generate images with Alibaba's Z-Image models (Z-Image-Turbo) on CUDA, Apple MPS or CPU.")
@@ -44,6 +45,7 @@ def reported(debug: bool) -> Iterator[None]:
     """Turn failures into one line on stderr and an exit code; `--debug` re-raises for the full traceback."""
     import torch
 
+    from .images import NonFiniteImage
     from .scheduler import NonFiniteLatents
 
     try:
@@ -56,9 +58,9 @@ def reported(debug: bool) -> Iterator[None]:
         fail(debug, f"error: {e}. Download the model with: {DOWNLOAD_HINT}", EXIT_USAGE)
     except WeightsError as e:
         fail(debug, f"error: {e}", EXIT_FAILED)
-    except NonFiniteLatents as e:
-        fail(debug, f"error: {e}; no image was written. The dtype overflowed: try --dtype bfloat16 or float32",
-             EXIT_FAILED)
+    except (NonFiniteLatents, NonFiniteImage) as e:
+        fail(debug, f"error: {e}; no image was written for that batch. The dtype overflowed: try --dtype "
+                    "bfloat16 or float32", EXIT_FAILED)
     except torch.OutOfMemoryError:
         fail(debug, "error: out of GPU memory. Lower it with --offload model or --offload sequential, a smaller "
                     "--width/--height, --batch-size 1, or --vae-tiling", EXIT_FAILED)
@@ -68,7 +70,7 @@ def reported(debug: bool) -> Iterator[None]:
 
 def fail(debug: bool, message: str, code: int) -> None:
     if debug:
-        raise
+        traceback.print_exc()
     err(message)
     raise typer.Exit(code)
 
@@ -157,7 +159,7 @@ def runtime_options(model: Path, jobs: list[Job], batch_size: int, cpu: bool, de
     largest = max(jobs, key=lambda j: j.settings.width * j.settings.height).settings
     needs = estimate(model, dt, largest.width, largest.height, min(batch_size, len(jobs)),
                      any(j.settings.guidance_scale > 0 for j in jobs))
-    mode, note = choose_offload(needs, dev, offload)
+    mode, note = choose_offload(needs, dev, dt, offload)
     if note:
         log.info(note)
     log.info("device %s, %s, offload %s; %d image(s)", dev, str(dt).removeprefix("torch."), mode, len(jobs))
@@ -189,12 +191,19 @@ def run_jobs(opts, jobs: list[Job], batch_size: int, json_out: bool) -> list[str
         failed.append(message)
         err(f"failed: {job.origin}: {message}")
 
+    def summary(what: str) -> str:
+        return f"{what}: {len(written)} of {len(jobs)} image(s) written" + "".join(f"\n  {j.output}" for j in written)
+
     start = time.perf_counter()
     try:
         Pipeline(opts).run(jobs, batch_size, on_image, on_error)
     except KeyboardInterrupt:
-        err(f"interrupted: {len(written)} of {len(jobs)} image(s) written" + "".join(f"\n  {j.output}" for j in written))
+        err(summary("interrupted"))
         raise typer.Exit(EXIT_INTERRUPTED)
+    except Exception:
+        if written:  # the error is reported by the caller; first say what was saved before it
+            err(summary("stopped"))
+        raise
     elapsed = time.perf_counter() - start
     if len(jobs) == 1 and written:
         err(f"Saved {written[0].output} (seed {written[0].settings.seed}, {elapsed:.1f}s)")
@@ -208,6 +217,7 @@ def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path
     """Everything checkable before loading: settings, prompts, outputs, the model folder. Returns the jobs,
     the messages of skipped items, and the model folder. `given` holds the setting flags (None = not given)."""
     from .check import require_layout
+    from .scheduler import SchedulerConfig
     from .transformer import TransformerConfig
     from .vae import VAEConfig
 
@@ -241,8 +251,9 @@ def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path
         raise UsageError(problem)
 
     require_layout(model)
-    tcfg = TransformerConfig.from_json(model / "transformer" / "config.json")
-    vcfg = VAEConfig.from_json(model / "vae" / "config.json")
+    tcfg = read_config(TransformerConfig.from_json, model / "transformer" / "config.json")
+    vcfg = read_config(VAEConfig.from_json, model / "vae" / "config.json")
+    read_config(SchedulerConfig.from_json, model / "scheduler" / "scheduler_config.json")
     max_side = tcfg.max_image_side * vcfg.scale_factor
     guidance_given = given["guidance_scale"] is not None or "guidance_scale" in settings_from(meta)
     result = plan_jobs(base, items, output, num_images, str(model), max_side, guidance_given, overwrite)

@@ -10,11 +10,10 @@ import torch
 
 from .jobs import UsageError
 from .transformer import TransformerConfig
-from .weights import WEIGHT_STEMS, checkpoint_header
+from .weights import WEIGHT_STEMS, checkpoint_header, human_bytes
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16}
-GiB = 2**30
 
 
 def pick_device(name: str | None, cpu: bool) -> torch.device:
@@ -108,30 +107,31 @@ def available_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def choose_offload(needs: Needs, device: torch.device, requested: str | None) -> tuple[str, str | None]:
+def choose_offload(needs: Needs, device: torch.device, dtype: torch.dtype,
+                   requested: str | None) -> tuple[str, str | None]:
     """The offload mode to use and a note when it was chosen automatically. Raises UsageError when even the
     leanest mode cannot fit, saying how much is needed and what helps."""
     free = available_bytes(device)
+    lighter = "--dtype bfloat16, " if dtype == torch.float32 else ""
     if device.type != "cuda":
-        mode = requested or "none"
         peak = needs.peak("none")  # offloading to the CPU saves nothing when computing there
         if peak > free:
-            raise UsageError(f"not enough memory: this run needs about {peak / GiB:.1f} GiB on {device.type} and "
-                             f"{free / GiB:.1f} GiB is free; use --dtype bfloat16, a smaller --width/--height, "
+            raise UsageError(f"not enough memory: this run needs about {human_bytes(peak)} on {device.type} and "
+                             f"{human_bytes(free)} is free; use {lighter}a smaller --width/--height, "
                              "a smaller --batch-size, or a machine with more memory")
-        return mode, None
+        return requested or "none", None
     if requested:
         if needs.peak(requested) > free:
             raise UsageError(f"not enough GPU memory for --offload {requested}: about "
-                             f"{needs.peak(requested) / GiB:.1f} GiB needed, {free / GiB:.1f} GiB free; try "
-                             f"{'--offload sequential, ' if requested != 'sequential' else ''}--dtype bfloat16, "
+                             f"{human_bytes(needs.peak(requested))} needed, {human_bytes(free)} free; try "
+                             f"{'--offload sequential, ' if requested != 'sequential' else ''}{lighter}"
                              "a smaller size or --batch-size 1")
         return requested, None
     for mode in ("none", "model", "sequential"):
         if needs.peak(mode) <= free:
             note = None if mode == "none" else (
-                f"the models do not all fit in {free / GiB:.1f} GiB of free GPU memory; using --offload {mode}")
+                f"the models do not all fit in {human_bytes(free)} of free GPU memory; using --offload {mode}")
             return mode, note
     raise UsageError(f"not enough GPU memory: even --offload sequential needs about "
-                     f"{needs.peak('sequential') / GiB:.1f} GiB and {free / GiB:.1f} GiB is free; use a smaller "
-                     "--width/--height, --batch-size 1, or --cpu")
+                     f"{human_bytes(needs.peak('sequential'))} and {human_bytes(free)} is free; use {lighter}"
+                     "a smaller --width/--height, --batch-size 1, or --cpu")

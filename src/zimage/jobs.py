@@ -69,7 +69,9 @@ def round16(n: int, up: bool) -> int:
 def size_problem(width: int, height: int, max_side: int) -> str | None:
     """Why width x height cannot be generated, with valid sizes to try; None when it can."""
     if width <= 0 or height <= 0:
-        return f"width and height must be positive (got {width}x{height})"
+        w, h = (min(max(n, 16), max_side) for n in (width, height))
+        return (f"width and height must be positive (got {width}x{height}). "
+                f"Try {round16(w, False)}x{round16(h, False)}")
     if width > max_side or height > max_side:
         w, h = min(width, max_side), min(height, max_side)
         return (f"{width}x{height} is too large: each side must be at most {max_side} px, the span of the model's "
@@ -101,10 +103,10 @@ def settings_problem(s: Settings, max_side: int) -> str | None:
 
 def output_problem(path: Path) -> str | None:
     """Why an image cannot be written at `path`; None when it can (missing folders are created later)."""
-    if path.suffix.lower() not in FORMATS:
-        return f"{path}: unsupported image type '{path.suffix or '(none)'}'; use .png, .jpg, .jpeg or .webp"
     if path.is_dir():
         return f"{path} is a directory; give a file name such as {path / 'image.png'}"
+    if path.suffix.lower() not in FORMATS:
+        return f"{path}: unsupported image type '{path.suffix or '(none)'}'; use .png, .jpg, .jpeg or .webp"
     parent = path.parent
     while not parent.exists():
         parent = parent.parent

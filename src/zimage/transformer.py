@@ -54,6 +54,13 @@ class TransformerConfig:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
+    def __post_init__(self):
+        if self.dim % self.n_heads or self.dim // self.n_heads != sum(self.axes_dims):
+            raise ValueError(f"head_dim = dim {self.dim} / n_heads {self.n_heads} must be a whole number equal to "
+                             f"sum(axes_dims) {sum(self.axes_dims)}")
+        if len(self.axes_dims) != 3 or len(self.axes_lens) != 3 or any(d % 2 for d in self.axes_dims):
+            raise ValueError("axes_dims and axes_lens must have 3 entries, axes_dims even")
+
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
@@ -260,8 +267,6 @@ class ZImageTransformer(nn.Module):
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        if cfg.head_dim != sum(cfg.axes_dims):
-            raise ValueError(f"head_dim {cfg.head_dim} must equal sum(axes_dims) {sum(cfg.axes_dims)}")
         self.cfg = cfg
         p, fp, c = cfg.patch_size, cfg.f_patch_size, cfg.in_channels
         self.all_x_embedder = nn.ModuleDict({cfg.patch_key: nn.Linear(fp * p * p * c, cfg.dim, bias=True)})

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+T = TypeVar("T")
 
 DOWNLOAD_HINT = "huggingface-cli download Tongyi-MAI/Z-Image-Turbo --local-dir weights/Z-Image-Turbo"
 
@@ -30,6 +32,23 @@ class WeightsError(Exception):
 
 class MissingFileError(WeightsError):
     """A file the published layout requires is absent."""
+
+
+def human_bytes(n: int) -> str:
+    """Bytes in the largest binary unit that keeps the number at least 1 (a small checkpoint is not '0.00 GiB')."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def read_config(parse: Callable[[Path], T], path: Path) -> T:
+    """A config parsed by `parse`, with any problem reported as a WeightsError that names the file."""
+    read_json(path)  # names the file when it is missing or not a JSON object
+    try:
+        return parse(path)
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"{path}: {' '.join(str(e).split())}") from None
 
 
 def read_json(path: Path) -> dict:
