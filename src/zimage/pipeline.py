@@ -63,12 +63,10 @@ def load_vae(model_path: Path, device: torch.device, dtype: torch.dtype) -> Auto
     return load_weights(model, folder, WEIGHT_STEMS["vae"], torch.float32 if cfg.force_upcast else dtype, device)
 
 
-def release(*modules) -> None:
-    """Drop the last references to big modules and give their memory back."""
-    devices = {p.device for m in modules if m is not None for p in m.parameters()}
-    del modules
+def free_memory(*devices: torch.device) -> None:
+    """Give the memory of modules whose last reference was just dropped back to the system and the devices."""
     gc.collect()
-    for d in devices:
+    for d in set(devices):
         empty_cache(d)
 
 
@@ -117,8 +115,8 @@ class Pipeline:
         t0 = time.perf_counter()
         feats = dict(zip(unique, encoder.encode(unique)))
         self.timings.encode += time.perf_counter() - t0
-        release(encoder.model)
         del encoder
+        free_memory(self.compute_device)
         return feats
 
     def load_denoiser(self) -> None:
@@ -137,8 +135,8 @@ class Pipeline:
     def close(self) -> None:
         if self.streamer is not None:
             self.streamer.remove()
-        release(self.transformer, self.vae)
         self.transformer = self.vae = self.streamer = None
+        free_memory(self.compute_device)
 
     def denoise_batch(self, batch: list[Job], feats: dict[str, torch.Tensor]) -> torch.Tensor:
         """Final latents (B, C, h, w), float32 on the compute device, for jobs sharing size and settings."""
