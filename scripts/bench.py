@@ -52,6 +52,13 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def minor_faults() -> int:
+    """Page faults so far (each one a fresh page of memory touched: the allocator gave memory back and took it again)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def child_common(a):
     import torch
 
@@ -77,8 +84,10 @@ def run_zimage(a) -> dict:
         pipe = Pipeline(opts)
         feats = pipe.encode([a.prompt])
         pipe.load_denoiser()
+        f0 = minor_faults()
         latents = pipe.denoise_batch([job], feats)
         sync(device)
+        faults = minor_faults() - f0
         td = time.perf_counter()
         image = to_pil(pipe.decode(latents))[0]
         decode = time.perf_counter() - td
@@ -86,7 +95,7 @@ def run_zimage(a) -> dict:
         pipe.close()
     t = pipe.timings
     return {"load": t.load, "encode": t.encode, "steps": t.steps, "decode": decode, "end_to_end": end,
-            "tokens": int(feats[a.prompt].shape[0]), "image": image}
+            "tokens": int(feats[a.prompt].shape[0]), "step_faults": faults / len(t.steps), "image": image}
 
 
 def run_reference(a) -> dict:
@@ -115,9 +124,11 @@ def run_reference(a) -> dict:
             stamps.append(time.perf_counter())
             return {}
 
+        f0 = minor_faults()
         latents = pipe(prompt_embeds=prompt_embeds, height=a.height, width=a.width, num_inference_steps=a.steps,
                        guidance_scale=0.0, generator=generator, output_type="latent",
                        callback_on_step_end=on_step).images
+        faults = minor_faults() - f0
         td = time.perf_counter()
         # what ZImagePipeline.__call__ does after its loop when output_type != "latent"
         latents = latents.to(pipe.vae.dtype)
@@ -129,7 +140,7 @@ def run_reference(a) -> dict:
     tokens = int(prompt_embeds[0].shape[0])
     steps = list(np.diff(stamps).tolist())
     return {"load": load, "encode": encode, "steps": steps, "decode": decode, "end_to_end": end, "tokens": tokens,
-            "encoded_tokens": 512, "image": image}
+            "encoded_tokens": 512, "step_faults": faults / len(steps), "image": image}
 
 
 def child_main(a) -> None:
@@ -374,7 +385,8 @@ def parent_main(a) -> int:
                                                 else ", encoded unpadded")
             steps = "; ".join(" ".join(f"{s:.3f}" for s in run) for run in r["all_steps"])
             bg = ", ".join(f"{b * 100:.0f}%" for b in r["background_cpu"])
-            print(f"{impl}: step times (s) {steps}; {enc}; other processes' CPU use during the run(s): {bg}")
+            print(f"{impl}: step times (s) {steps}; {enc}; {r['step_faults']:.0f} minor page faults per step; "
+                  f"other processes' CPU use during the run(s): {bg}")
     if len(images) == 2:
         za, ra = images["zimage"].astype(np.int16), images["reference"].astype(np.int16)
         if za.shape != ra.shape:

@@ -794,3 +794,14 @@ def test_command_damaged_weights_exit_1_and_debug_shows_the_traceback(model, out
     assert "Traceback (most recent call last)" in debug.stderr
     assert "WeightsError" in debug.stderr and str(model / TRANSFORMER) in debug.stderr
     assert not out.exists()
+
+
+def test_out_of_memory_names_the_size_tried_and_what_lowers_memory(tiny, out, monkeypatch):
+    def denoise(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(zimage.pipeline, "denoise", denoise)
+    result = generate(tiny, "-p", "a cat", "--width", "96", "--height", "64", "-o", str(out / "a.png"))
+    assert_one_line_error(result, 1, "out of cpu memory while making 1 image(s) of 96x64", "--offload sequential",
+                          "--vae-tiling")
+    assert not (out / "a.png").exists()

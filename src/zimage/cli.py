@@ -14,7 +14,7 @@ from typing import Iterator, List, Optional
 
 import typer
 
-from .jobs import (MAX_SEED, Item, Job, UsageError, output_problem, plan_jobs, read_prompts_file, settings_from,
+from .jobs import (Item, Job, UsageError, output_problem, plan_jobs, read_prompts_file, settings_from,
                    settings_problem, Settings)
 from .weights import DOWNLOAD_HINT, MissingFileError, WeightsError, read_config
 
@@ -46,6 +46,7 @@ def reported(debug: bool) -> Iterator[None]:
     import torch
 
     from .images import NonFiniteImage
+    from .pipeline import OutOfMemory
     from .scheduler import NonFiniteLatents
 
     try:
@@ -61,9 +62,10 @@ def reported(debug: bool) -> Iterator[None]:
     except (NonFiniteLatents, NonFiniteImage) as e:
         fail(debug, f"error: {e}; no image was written for that batch. The dtype overflowed: try --dtype "
                     "bfloat16 or float32", EXIT_FAILED)
-    except torch.OutOfMemoryError:
-        fail(debug, "error: out of GPU memory. Lower it with --offload model or --offload sequential, a smaller "
-                    "--width/--height, --batch-size 1, or --vae-tiling", EXIT_FAILED)
+    except (OutOfMemory, torch.OutOfMemoryError) as e:
+        fail(debug, f"error: {e if isinstance(e, OutOfMemory) else 'out of GPU memory'}. Lower the memory needed "
+                    "with --offload model or --offload sequential, a smaller --width/--height, --batch-size 1, "
+                    "or --vae-tiling", EXIT_FAILED)
     except Exception as e:  # anything unforeseen still gets one line; --debug shows where it came from
         fail(debug, f"error: {type(e).__name__}: {e} (run again with --debug for the full traceback)", EXIT_FAILED)
 

@@ -26,6 +26,10 @@ log = logging.getLogger("zimage")
 OFFLOAD_MODES = ("none", "model", "sequential")
 
 
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory; the message says what was being made."""
+
+
 @dataclass(frozen=True)
 class Options:
     model_path: Path
@@ -189,10 +193,13 @@ class Pipeline:
         and `on_error(job, message)` when a file cannot be written."""
         prompts = [j.settings.prompt for j in jobs]
         prompts += [j.settings.negative_prompt for j in jobs if j.settings.guidance_scale > 0]
-        feats = self.encode(prompts)
-        self.load_denoiser()
+        what = "loading the models"
         try:
+            feats = self.encode(prompts)
+            self.load_denoiser()
             for batch in batches(jobs, batch_size):
+                s = batch[0].settings
+                what = f"making {len(batch)} image(s) of {s.width}x{s.height}{' with CFG' if s.guidance_scale else ''}"
                 t0 = time.perf_counter()
                 images = to_pil(self.decode(self.denoise_batch(batch, feats)))
                 seconds = (time.perf_counter() - t0) / len(batch)
@@ -203,5 +210,8 @@ class Pipeline:
                         on_error(job, f"could not write {job.output}: {e.strerror or e}")
                         continue
                     on_image(job, seconds)
+        except torch.OutOfMemoryError:
+            raise OutOfMemory(f"out of {self.compute_device.type} memory while {what} "
+                              f"(offload {self.opts.offload})") from None
         finally:
             self.close()
