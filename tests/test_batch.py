@@ -64,6 +64,14 @@ def test_prompts_from_stdin(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s-1-a-red-car.png", "s-2-a-blue-boat.png"]
 
 
+def test_jsonl_from_stdin(tiny, tmp_path):
+    lines = '{"prompt": "a kite", "seed": 3}\n{"prompt": "a drum", "output": "%s"}\n' % (tmp_path / "drum.png")
+    result = run(tiny, "--prompts-file", "-", "--output", str(tmp_path / "k.png"), input=lines)
+    assert result.exit_code == 0, result.output
+    assert json.loads(Image.open(tmp_path / "k-0000.png").info["zimage"])["seed"] == 3
+    assert (tmp_path / "drum.png").is_file()
+
+
 def test_num_images_uses_consecutive_seeds_reproducible_alone(tiny, tmp_path):
     result = run(tiny, "--prompt", "a tree", "--num-images", "3", "--seed", "40", "--output", str(tmp_path / "t.png"))
     assert result.exit_code == 0, result.output

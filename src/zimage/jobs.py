@@ -190,7 +190,9 @@ def read_prompt_lines(text: str, name: str, jsonl: bool) -> tuple[list[Item], li
 
 def read_prompts_file(path: str) -> tuple[list[Item], list[str]]:
     if path == "-":
-        return read_prompt_lines(sys.stdin.read(), "stdin", jsonl=False)
+        text = sys.stdin.read()
+        first = next((ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")), "")
+        return read_prompt_lines(text, "stdin", jsonl=first.startswith("{"))  # JSONL when it looks like it
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"prompts file {p} not found")
