@@ -99,11 +99,10 @@ class RMSNorm(nn.Module):
         return x * self.weight
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of x (B, H, S, D) by angles given as cos/sin (B, 1, S, D/2), in float32."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of x (B, H, S, D) as complex numbers by unit complex `freqs`
+    (B, 1, S, D/2), in float32: one complex multiply instead of a chain of real ops over the tensor."""
+    out = torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * freqs)
     return out.flatten(-2).type_as(x)
 
 
@@ -119,11 +118,11 @@ class Attention(nn.Module):
         self.norm_q = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None) -> Tensor:
         q, k, v = (proj(x).unflatten(-1, (self.n_heads, -1)) for proj in (self.to_q, self.to_k, self.to_v))
         q, k = self.norm_q(q), self.norm_k(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.to_out[0](out.transpose(1, 2).flatten(2))
 
@@ -155,7 +154,7 @@ class TransformerBlock(nn.Module):
         if modulation:
             self.adaLN_modulation = nn.Sequential(nn.Linear(min(dim, ADALN_DIM), 4 * dim, bias=True))
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, t_emb: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, t_emb: Tensor | None = None) -> Tensor:
         if not self.modulation:
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
@@ -192,28 +191,25 @@ class FinalLayer(nn.Module):
 
 
 class RopeTables:
-    """Per-axis cos/sin tables of the 3D RoPE, built once per device and indexed by position ids."""
+    """Per-axis tables of the 3D RoPE's unit complex rotations, built once per device, indexed by position ids."""
 
     def __init__(self, cfg: TransformerConfig):
         self.cfg = cfg
-        self._tables: dict[torch.device, list[tuple[Tensor, Tensor]]] = {}
+        self._tables: dict[torch.device, list[Tensor]] = {}
 
-    def _build(self, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+    def _build(self, device: torch.device) -> list[Tensor]:
         tables = []
         for d, n in zip(self.cfg.axes_dims, self.cfg.axes_lens):
             freqs = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
             angles = torch.outer(torch.arange(n, dtype=torch.float64), freqs).float()
-            tables.append((angles.cos().to(device), angles.sin().to(device)))
+            tables.append(torch.polar(torch.ones_like(angles), angles).to(device))
         return tables
 
-    def __call__(self, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin of shape (*ids.shape[:-1], head_dim/2) for integer position ids (..., 3)."""
+    def __call__(self, ids: Tensor) -> Tensor:
+        """Complex rotations of shape (*ids.shape[:-1], head_dim/2) for integer position ids (..., 3)."""
         if ids.device not in self._tables:
             self._tables[ids.device] = self._build(ids.device)
-        tables = self._tables[ids.device]
-        cos = torch.cat([c[ids[..., i]] for i, (c, _) in enumerate(tables)], dim=-1)
-        sin = torch.cat([s[ids[..., i]] for i, (_, s) in enumerate(tables)], dim=-1)
-        return cos, sin
+        return torch.cat([table[ids[..., i]] for i, table in enumerate(self._tables[ids.device])], dim=-1)
 
 
 def padded_len(n: int) -> int:
@@ -282,15 +278,15 @@ class ZImageTransformer(nn.Module):
         self._rope_cache: dict[tuple, tuple] = {}
 
     def rope_for(self, cap_lens: list[int], cap_total: int, gh: int, gw: int, device: torch.device) -> tuple:
-        """cos/sin for the image tokens, the caption tokens and the joint sequence; cached per size, since every
-        step of a run asks for the same."""
+        """RoPE rotations for the image tokens, the caption tokens and the joint sequence; cached per size, since
+        every step of a run asks for the same."""
         key = (tuple(cap_lens), cap_total, gh, gw, device)
         if key not in self._rope_cache:
             if len(self._rope_cache) >= 8:
                 self._rope_cache.pop(next(iter(self._rope_cache)))
             img = self.rope(torch.stack([image_position_ids(n, gh, gw, device) for n in cap_lens])[:, None])
             cap = self.rope(caption_position_ids(cap_total, device)[None, None])
-            joint = tuple(torch.cat([a, b.expand(len(a), -1, -1, -1)], dim=2) for a, b in zip(img, cap))
+            joint = torch.cat([img, cap.expand(len(img), -1, -1, -1)], dim=2)
             self._rope_cache[key] = (img, cap, joint)
         return self._rope_cache[key]
 
