@@ -183,6 +183,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def git_version() -> str:
+    """The commit the zimage sources were at, and whether src/ had uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "src"], capture_output=True,
+                               text=True).stdout.strip()
+        return f"commit {head}" + (" with uncommitted changes in src/" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
 def checkpoint_for(a) -> Path:
     if a.model_path:
         return Path(a.model_path)
@@ -221,6 +233,15 @@ def wait_quiet(limit: float) -> None:
         print(f"# the machine stayed busy for {limit:.0f}s; running anyway", file=sys.stderr, flush=True)
 
 
+def drop_page_cache() -> None:
+    """Start from a cold page cache, so that neither implementation reads weights the other left cached."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError as e:
+        print(f"# cannot drop the page cache ({e.strerror}); loads may be warm", file=sys.stderr, flush=True)
+
+
 def run_child(impl: str, a, model: Path, workdir: Path, run: int = 0) -> dict:
     """Run one implementation in a child process; its result, or what killed it, with its peak RSS."""
     import psutil
@@ -230,18 +251,31 @@ def run_child(impl: str, a, model: Path, workdir: Path, run: int = 0) -> dict:
            "--model-path", str(model), "--dtype", a.dtype, "--device", a.device, "--width", str(a.width),
            "--height", str(a.height), "--steps", str(a.steps), "--seed", str(a.seed), "--prompt", a.prompt,
            "--offload", a.offload] + (["--compile"] if a.compile else [])
+    if a.cold:
+        drop_page_cache()
     wait_quiet(a.quiet_wait)
     print(f"# running {impl} (run {run + 1}) ...", file=sys.stderr, flush=True)
     cpu0 = psutil.cpu_times()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=sys.stderr)
+    env = dict(os.environ)
+    if impl == "zimage":
+        env.update(kv.split("=", 1) for kv in a.zimage_env)
+    proc = subprocess.Popen(cmd, stdout=sys.stderr, env=env)
     killed_by_watchdog = None
+    timeline: list[tuple[float, float, float]] = []
     min_free = a.min_free_gib * GiB
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
         avail = psutil.virtual_memory().available
+        now = time.perf_counter() - t0
+        if not timeline or now - timeline[-1][0] >= 1.0:  # RSS (and its file-backed part) once a second
+            try:
+                info = psutil.Process(proc.pid).memory_info()
+                timeline.append((round(now, 1), round(info.rss / GiB, 2), round(info.shared / GiB, 2)))
+            except psutil.Error:
+                pass
         if avail < min_free and killed_by_watchdog is None:
             try:
                 rss = psutil.Process(proc.pid).memory_info().rss
@@ -263,6 +297,7 @@ def run_child(impl: str, a, model: Path, workdir: Path, run: int = 0) -> dict:
         res = json.loads(result.read_text())
         res["peak_rss"] = peak_rss
         res["background_cpu"] = others
+        res["rss_timeline"] = timeline
         res["image_path"] = str(result.with_suffix(".npy"))
         return res
     if killed_by_watchdog:
@@ -274,7 +309,7 @@ def run_child(impl: str, a, model: Path, workdir: Path, run: int = 0) -> dict:
     else:
         why = f"exited with status {code}"
     print(f"# {impl} failed after {wall:.0f}s: {why}", file=sys.stderr, flush=True)
-    return {"failed": why, "peak_rss": peak_rss, "wall": wall}
+    return {"failed": why, "peak_rss": peak_rss, "wall": wall, "rss_timeline": timeline}
 
 
 def median(v: list[float]) -> float | None:
@@ -309,6 +344,7 @@ def fmt(x: float | None, digits: int = 3) -> str:
 
 def table(results: dict[str, dict], cuda: bool) -> str:
     rows = [("load s", lambda r: r.get("load")), ("encode s", lambda r: r.get("encode")),
+            ("load + encode s", lambda r: r["load"] + r["encode"] if "load" in r else None),
             ("s/step (median)", lambda r: r.get("step_median")), ("s/step (mean)", lambda r: r.get("step_mean")),
             ("decode s", lambda r: r.get("decode")),
             ("end-to-end s", lambda r: r.get("end_to_end")),
@@ -338,7 +374,8 @@ def parent_main(a) -> int:
     import psutil
 
     model = checkpoint_for(a)
-    warmed = warm_cache(model)
+    code = git_version()
+    warmed = False if a.cold else warm_cache(model)
     load_before = os.getloadavg()[0]
     impls = [a.only] if a.only else list(IMPLS)
     with tempfile.TemporaryDirectory(prefix="zimage-bench-") as tmp:
@@ -369,8 +406,11 @@ def parent_main(a) -> int:
     print(f"run: {a.config} checkpoint {model}, {a.dtype}, {a.width}x{a.height}, {a.steps} steps, seed {a.seed}, "
           f"device {a.device}, guidance 0" + (", --compile" if a.compile else "")
           + (f", --offload {a.offload}" if a.offload != "none" else "")
-          + ("" if warmed else ", checkpoint larger than the page cache (loads read from disk)")
+          + (f", zimage child environment {' '.join(a.zimage_env)}" if a.zimage_env else "")
+          + (", page cache dropped before each run (cold loads)" if a.cold else "" if warmed
+             else ", checkpoint larger than the page cache (loads read from disk)")
           + (f"; best of {a.repeat} alternating runs per phase" if a.repeat > 1 else ""))
+    print(f"zimage code: {code}")
     print(f"prompt: {a.prompt!r}")
     print(f"load average (1 min) before: {load_before:.2f}, after: {os.getloadavg()[0]:.2f}")
     print()
@@ -424,6 +464,10 @@ def main() -> int:
     ap.add_argument("--max-background", type=float, default=0.10,
                     help="repeat a run during which other processes used more than this share of the CPU")
     ap.add_argument("--retries", type=int, default=2, help="at most this many repeats of a disturbed run")
+    ap.add_argument("--cold", action="store_true",
+                    help="drop the page cache before each run (needs root), so both load from disk")
+    ap.add_argument("--zimage-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="set an environment variable for the zimage child only (what-if experiments)")
     ap.add_argument("--only", choices=IMPLS, help="run one implementation only")
     ap.add_argument("--min-free-gib", type=float, default=0.75,
                     help="kill a child when the machine's available memory falls below this (default 0.75)")
