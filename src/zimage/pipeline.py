@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from .images import save_image, to_pil
 from .jobs import Job
+from .devices import tune_allocator
 from .offload import BlockStreamer, empty_cache
 from .scheduler import Guidance, SchedulerConfig, denoise, get_noise, get_sigmas, model_times
 from .text_encoder import TextEncoder
@@ -89,6 +90,7 @@ class Pipeline:
     decode batch by batch, writing each image as soon as it is decoded."""
 
     def __init__(self, opts: Options):
+        tune_allocator()
         self.opts = opts
         self.scheduler = SchedulerConfig.from_json(opts.model_path / "scheduler" / "scheduler_config.json")
         self.timings = Timings()
