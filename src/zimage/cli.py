@@ -122,6 +122,7 @@ def generate(
     offload: Optional[str] = typer.Option(None, "--offload", help="none, model or sequential. [default: none when everything fits, else chosen and said]"),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks (slow first step, faster after)."),
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Decode in overlapping tiles so large images fit in little memory."),
+    vae_dtype: Optional[str] = typer.Option(None, "--vae-dtype", help="auto, float32 or bfloat16 for the VAE decode. [default: auto: float32, as the VAE config asks]"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
 ) -> None:
@@ -138,7 +139,7 @@ def generate(
         jobs, skipped, model = plan(prompt, prompts_file, from_png, model_path, output, num_images, overwrite,
                                     settings)
         opts = runtime_options(model, jobs, batch_size, cpu, device, dtype, force, offload, compile_, vae_tiling,
-                               quiet, overwrite)
+                               vae_dtype, quiet, overwrite)
         for message in skipped:
             err(f"skipped: {message}")
         failed = run_jobs(opts, jobs, batch_size, json_out)
@@ -147,7 +148,7 @@ def generate(
 
 def runtime_options(model: Path, jobs: list[Job], batch_size: int, cpu: bool, device: Optional[str],
                     dtype: Optional[str], force: bool, offload: Optional[str], compile_: bool, vae_tiling: bool,
-                    quiet: bool, overwrite: bool):
+                    vae_dtype: Optional[str], quiet: bool, overwrite: bool):
     """Device, dtype and offload mode for the run, after checking that its largest batch fits in memory."""
     from .devices import choose_offload, estimate, pick_device, pick_dtype
     from .pipeline import OFFLOAD_MODES, Options
@@ -156,6 +157,7 @@ def runtime_options(model: Path, jobs: list[Job], batch_size: int, cpu: bool, de
         raise UsageError(f"--offload must be one of {', '.join(OFFLOAD_MODES)} (got '{offload}')")
     dev = pick_device(device, cpu)
     dt = pick_dtype(dtype, dev, force)
+    vae_dt = None if vae_dtype in (None, "auto") else pick_dtype(vae_dtype, dev, force)
     if not jobs:
         return Options(model, dev, dt)
     largest = max(jobs, key=lambda j: j.settings.width * j.settings.height).settings
@@ -165,7 +167,8 @@ def runtime_options(model: Path, jobs: list[Job], batch_size: int, cpu: bool, de
     if note:
         log.info(note)
     log.info("device %s, %s, offload %s; %d image(s)", dev, str(dt).removeprefix("torch."), mode, len(jobs))
-    return Options(model, dev, dt, mode, compile_, VAE_TILE if vae_tiling else None, not quiet, overwrite)
+    return Options(model, dev, dt, mode, compile_, VAE_TILE if vae_tiling else None, vae_dt, not quiet,
+                   overwrite)
 
 
 def run_jobs(opts, jobs: list[Job], batch_size: int, json_out: bool) -> list[str]:

@@ -281,9 +281,14 @@ class AutoencoderKL(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.decoder.conv_in.weight.dtype
 
+    @property
+    def _memory_format(self) -> torch.memory_format:
+        w = self.decoder.conv_in.weight
+        return torch.channels_last if w.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
     def decode_raw(self, z: Tensor) -> Tensor:
         """Decode autoencoder-space latents z (B, C, h, w) to images (B, 3, 8h, 8w) in about [-1, 1]."""
-        z = z.to(self.dtype)
+        z = z.to(self.dtype, memory_format=self._memory_format)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
@@ -304,7 +309,7 @@ class AutoencoderKL(nn.Module):
         # upsampling stages, where the memory goes, run per tile. Their group norms must see the whole image's
         # statistics, or each tile gets its own tone: passes over the tiles measure them (each tile contributing
         # the region it owns), refining them STAT_PASSES times before the pass that is kept.
-        z = z.to(self.dtype)
+        z = z.to(self.dtype, memory_format=self._memory_format)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         h = self.decoder.mid_block(self.decoder.conv_in(z))
