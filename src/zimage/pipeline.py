@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -73,9 +74,14 @@ def load_vae(model_path: Path, device: torch.device, dtype: torch.dtype | None =
     return model
 
 
-def free_memory(*devices: torch.device) -> None:
-    """Give the memory of modules whose last reference was just dropped back to the system and the devices."""
-    gc.collect()
+def free_memory(released: list[weakref.ref], *devices: torch.device) -> None:
+    """Give the memory of modules whose references were just dropped back to the system and the devices.
+
+    Reference counting frees them at once; a full garbage collection (0.2 s) runs only when one of them is
+    still alive, held by a reference cycle (block-streaming hooks make one).
+    """
+    if any(ref() is not None for ref in released):
+        gc.collect()
     for d in set(devices):
         empty_cache(d)
 
@@ -126,8 +132,9 @@ class Pipeline:
         t0 = time.perf_counter()
         feats = dict(zip(unique, encoder.encode(unique)))
         self.timings.encode += time.perf_counter() - t0
+        released = [weakref.ref(encoder.model)]
         del encoder
-        free_memory(self.compute_device)
+        free_memory(released, self.compute_device)
         return feats
 
     def load_denoiser(self) -> None:
@@ -150,8 +157,9 @@ class Pipeline:
     def close(self) -> None:
         if self.streamer is not None:
             self.streamer.remove()
+        released = [weakref.ref(m) for m in (self.transformer, self.vae) if m is not None]
         self.transformer = self.vae = self.streamer = None
-        free_memory(self.compute_device)
+        free_memory(released, self.compute_device)
 
     def denoise_batch(self, batch: list[Job], feats: dict[str, torch.Tensor]) -> torch.Tensor:
         """Final latents (B, C, h, w), float32 on the compute device, for jobs sharing size and settings."""

@@ -114,9 +114,10 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+        # in place where the input is a fresh temporary: full-resolution maps are hundreds of MB each
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        return h.add_(x if self.conv_shortcut is None else self.conv_shortcut(x))
 
 
 class AttnBlock(nn.Module):
@@ -236,7 +237,7 @@ class Decoder(nn.Module):
         """The part after the mid block: local convolutions and upsampling to pixels."""
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(F.silu(self.conv_norm_out(x), inplace=True))
 
 
 def blend_ramp(n: int, overlap: int, fade_in: bool, fade_out: bool, device: torch.device) -> Tensor:
