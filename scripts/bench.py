@@ -76,7 +76,8 @@ def run_zimage(a) -> dict:
     from zimage.pipeline import Options, Pipeline
 
     model = Path(a.model_path)
-    opts = Options(model, device, dtype, offload=a.offload, compile=a.compile, progress=False)
+    extra = {"vae_dtype": getattr(torch, a.vae_dtype)} if a.vae_dtype else {}
+    opts = Options(model, device, dtype, offload=a.offload, compile=a.compile, progress=False, **extra)
     settings = Settings(prompt=a.prompt, width=a.width, height=a.height, num_steps=a.steps, seed=a.seed)
     job = Job(settings, Path(a.result).with_suffix(".png"), 0, "bench", str(model))
     t0 = time.perf_counter()
@@ -250,7 +251,8 @@ def run_child(impl: str, a, model: Path, workdir: Path, run: int = 0) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), a.config, "--child", impl, "--result", str(result),
            "--model-path", str(model), "--dtype", a.dtype, "--device", a.device, "--width", str(a.width),
            "--height", str(a.height), "--steps", str(a.steps), "--seed", str(a.seed), "--prompt", a.prompt,
-           "--offload", a.offload] + (["--compile"] if a.compile else [])
+           "--offload", a.offload] + (["--compile"] if a.compile else []) + (
+           ["--vae-dtype", a.vae_dtype] if a.vae_dtype else [])
     if a.cold:
         drop_page_cache()
     wait_quiet(a.quiet_wait)
@@ -406,6 +408,7 @@ def parent_main(a) -> int:
     print(f"run: {a.config} checkpoint {model}, {a.dtype}, {a.width}x{a.height}, {a.steps} steps, seed {a.seed}, "
           f"device {a.device}, guidance 0" + (", --compile" if a.compile else "")
           + (f", --offload {a.offload}" if a.offload != "none" else "")
+          + (f", zimage --vae-dtype {a.vae_dtype}" if a.vae_dtype else "")
           + (f", zimage child environment {' '.join(a.zimage_env)}" if a.zimage_env else "")
           + (", page cache dropped before each run (cold loads)" if a.cold else "" if warmed
              else ", checkpoint larger than the page cache (loads read from disk)")
@@ -468,6 +471,8 @@ def main() -> int:
                     help="drop the page cache before each run (needs root), so both load from disk")
     ap.add_argument("--zimage-env", action="append", default=[], metavar="KEY=VALUE",
                     help="set an environment variable for the zimage child only (what-if experiments)")
+    ap.add_argument("--vae-dtype", choices=("float32", "bfloat16"),
+                    help="zimage's VAE dtype (default: float32, as the VAE config's force_upcast asks)")
     ap.add_argument("--only", choices=IMPLS, help="run one implementation only")
     ap.add_argument("--min-free-gib", type=float, default=0.75,
                     help="kill a child when the machine's available memory falls below this (default 0.75)")

@@ -6,7 +6,7 @@
 CONFIG is one of
   tiny  zimage.tiny.make_tiny's default spec (what the tests use).
   mid   a mid-sized model: transformer dim 1536, 8 + 2 + 2 blocks, 12 heads of 128; text encoder hidden 1024,
-        8 layers, 16 heads / 8 kv heads of 64, intermediate 3072; the full Flux VAE. About 1.5 GB.
+        8 layers, 16 heads / 8 kv heads of 64, intermediate 3072; the full Flux VAE. About 1.9 GB on disk.
   full  the published shapes: 6.15B-parameter float32 transformer in 3 shards (24.6 GB), the Qwen3-4B text
         encoder (36 layers, vocab 151936) in bfloat16 in 3 shards (8 GB), the Flux VAE. About 33 GB on disk.
 
