@@ -154,6 +154,13 @@ class Pipeline:
         self.timings.load += time.perf_counter() - t0
         log.info("transformer and VAE loaded in %.1fs", time.perf_counter() - t0)
 
+    def release_transformer(self) -> None:
+        if self.streamer is not None:
+            self.streamer.remove()
+        released = [weakref.ref(self.transformer)]
+        self.transformer = self.streamer = None
+        free_memory(released, self.compute_device)
+
     def close(self) -> None:
         if self.streamer is not None:
             self.streamer.remove()
@@ -216,11 +223,15 @@ class Pipeline:
         try:
             feats = self.encode(prompts)
             self.load_denoiser()
-            for batch in batches(jobs, batch_size):
+            todo = batches(jobs, batch_size)
+            for n, batch in enumerate(todo, start=1):
                 s = batch[0].settings
                 what = f"making {len(batch)} image(s) of {s.width}x{s.height}{' with CFG' if s.guidance_scale else ''}"
                 t0 = time.perf_counter()
-                images = to_pil(self.decode(self.denoise_batch(batch, feats)))
+                latents = self.denoise_batch(batch, feats)
+                if n == len(todo):
+                    self.release_transformer()  # not needed again: the decode gets its memory
+                images = to_pil(self.decode(latents))
                 seconds = (time.perf_counter() - t0) / len(batch)
                 for job, image in zip(batch, images):
                     try:
