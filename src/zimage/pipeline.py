@@ -157,15 +157,14 @@ class Pipeline:
     def release_transformer(self) -> None:
         if self.streamer is not None:
             self.streamer.remove()
-        released = [weakref.ref(self.transformer)]
+        released = [weakref.ref(self.transformer)] if self.transformer is not None else []
         self.transformer = self.streamer = None
         free_memory(released, self.compute_device)
 
     def close(self) -> None:
-        if self.streamer is not None:
-            self.streamer.remove()
-        released = [weakref.ref(m) for m in (self.transformer, self.vae) if m is not None]
-        self.transformer = self.vae = self.streamer = None
+        self.release_transformer()
+        released = [weakref.ref(self.vae)] if self.vae is not None else []
+        self.vae = None
         free_memory(released, self.compute_device)
 
     def denoise_batch(self, batch: list[Job], feats: dict[str, torch.Tensor]) -> torch.Tensor:
