@@ -62,13 +62,16 @@ def load_transformer(model_path: Path, device: torch.device, dtype: torch.dtype)
     return load_weights(model, folder, WEIGHT_STEMS["transformer"], dtype, device)
 
 
-def load_vae(model_path: Path, device: torch.device, dtype: torch.dtype | None = None) -> AutoencoderKL:
-    """The VAE in `dtype`, or by default in float32 as its config's force_upcast asks (the published one does)."""
+def load_vae(model_path: Path, device: torch.device, dtype: torch.dtype | None = None,
+             run_dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """The VAE in `dtype`; by default in float32 when its config's force_upcast asks (the published one does),
+    else in the run's dtype."""
     folder = model_path / "vae"
     cfg = VAEConfig.from_json(folder / "config.json")
     with torch.device("meta"):
         model = AutoencoderKL(cfg)
-    model = load_weights(model, folder, WEIGHT_STEMS["vae"], dtype or torch.float32, device)
+    dtype = dtype or (torch.float32 if cfg.force_upcast else run_dtype)
+    model = load_weights(model, folder, WEIGHT_STEMS["vae"], dtype, device)
     if device.type != "mps":
         model.to(memory_format=torch.channels_last)  # oneDNN and cuDNN convolutions run faster on NHWC
     return model
@@ -146,11 +149,7 @@ class Pipeline:
         if self.opts.compile:
             for block in [*self.transformer.noise_refiner, *self.transformer.context_refiner, *self.transformer.layers]:
                 block.compile(dynamic=False)
-        vae_dtype = self.opts.vae_dtype
-        if vae_dtype is None:
-            upcast = VAEConfig.from_json(self.opts.model_path / "vae" / "config.json").force_upcast
-            vae_dtype = torch.float32 if upcast else self.opts.dtype
-        self.vae = load_vae(self.opts.model_path, self.storage_device, vae_dtype)
+        self.vae = load_vae(self.opts.model_path, self.storage_device, self.opts.vae_dtype, self.opts.dtype)
         self.timings.load += time.perf_counter() - t0
         log.info("transformer and VAE loaded in %.1fs", time.perf_counter() - t0)
 
