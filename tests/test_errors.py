@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import zimage.devices
+import zimage.images
 import zimage.pipeline
 import zimage.text_encoder
 import zimage.weights
@@ -720,12 +721,35 @@ def test_interrupt_while_writing_leaves_no_partial_file(tiny, tmp_path, out, mon
     assert_valid_image(out / "img-0000.png")
 
 
+def test_interrupt_right_after_a_rename_still_reports_that_file(tiny, tmp_path, out, monkeypatch):
+    # Ctrl-C landing between the rename and the bookkeeping must not leave an image on disk that the summary omits
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\na bird\n")
+    real_replace = os.replace
+    calls = []
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        calls.append(dst)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(zimage.images.os, "replace", replace)
+    result = generate(tiny, "--prompts-file", str(prompts), "--batch-size", "1", "-o", str(out / "img.png"))
+    assert result.exit_code == 130, result.stderr
+    assert "interrupted: 2 of 3 image(s) written" in result.stderr
+    for name in ("img-0000.png", "img-0001.png"):
+        assert str(out / name) in result.stderr
+        assert_valid_image(out / name)
+    assert sorted(p.name for p in out.iterdir()) == ["img-0000.png", "img-0001.png"]
+
+
 def run_zimage(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([str(ZIMAGE), *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_sigint_keeps_finished_images_and_says_what_was_written(tiny, tmp_path, out):
-    n = 40  # far more than can finish between the first image and the signal
+    n = 300  # far more than can finish between the first image and the signal, even on a fast machine
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"prompt number {i}\n" for i in range(n)))
     stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
@@ -739,7 +763,7 @@ def test_sigint_keeps_finished_images_and_says_what_was_written(tiny, tmp_path, 
                 assert proc.poll() is None, f"exited {proc.returncode} before any image: {stderr.read_text()}"
                 assert time.monotonic() < deadline, "no image after 120 s"
                 time.sleep(0.01)
-            time.sleep(0.2)  # land somewhere inside a later image, not right at the first rename
+            time.sleep(0.05)  # land somewhere inside a later image, not right at the first rename
             assert proc.poll() is None, "the run finished before it could be interrupted"
             proc.send_signal(signal.SIGINT)
             code = proc.wait(timeout=60)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import gc
 import logging
+import signal
+import threading
 import time
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,6 +29,24 @@ from .weights import WEIGHT_STEMS, load_weights
 log = logging.getLogger("zimage")
 
 OFFLOAD_MODES = ("none", "model", "sequential")
+
+
+@contextmanager
+def interrupts_held():
+    """Hold SIGINT until the block ends, then raise KeyboardInterrupt if one came. A no-op off the main thread
+    or when someone else handles SIGINT."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 class OutOfMemory(RuntimeError):
@@ -232,12 +253,13 @@ class Pipeline:
                 images = to_pil(self.decode(latents))
                 seconds = (time.perf_counter() - t0) / len(batch)
                 for job, image in zip(batch, images):
-                    try:
-                        save_image(image, job.output, job.metadata, self.opts.overwrite)
-                    except OSError as e:  # this file only: the rest of the run can still be written
-                        on_error(job, f"could not write {job.output}: {e.strerror or e}")
-                        continue
-                    on_image(job, seconds)
+                    with interrupts_held():  # a file on disk is always a file reported, even on Ctrl-C
+                        try:
+                            save_image(image, job.output, job.metadata, self.opts.overwrite)
+                        except OSError as e:  # this file only: the rest of the run can still be written
+                            on_error(job, f"could not write {job.output}: {e.strerror or e}")
+                            continue
+                        on_image(job, seconds)
         except torch.OutOfMemoryError:
             raise OutOfMemory(f"out of {self.compute_device.type} memory while {what} "
                               f"(offload {self.opts.offload})") from None
