@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from zimage.cli import app
 from zimage.offload import BlockStreamer
 from zimage.pipeline import load_transformer, load_vae
-from zimage.transformer import ZImageTransformer
+from zimage.transformer import ONEDNN_LINEAR, ZImageTransformer
 from zimage.weights import READ_GROUP_BYTES, checkpoint_header, read_groups
 
 CPU = torch.device("cpu")
@@ -110,6 +110,24 @@ def test_no_attention_mask_when_the_batch_needs_none(tiny, monkeypatch):
         masks.clear()
         model(torch.randn(2, 16, 8, 8), torch.rand(2), [torch.randn(3, 48), torch.randn(40, 48)])
         assert any(m is not None for m in masks)
+
+
+@pytest.mark.skipif(not ONEDNN_LINEAR, reason="oneDNN linear kernel not in this torch build or not x86")
+def test_float32_cpu_linears_run_in_onednn_with_the_same_result(tiny):
+    """Every transformer linear takes oneDNN's kernel on a float32 CPU run; outputs equal F.linear's to rounding."""
+    model = load_transformer(tiny, CPU, torch.float32)
+    args = (torch.randn(2, 16, 8, 8), torch.rand(2), [torch.randn(3, 48), torch.randn(40, 48)])
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        fast = model(*args)
+    calls = sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+    assert calls >= len(linears) > 0
+    assert not any(e.key in ("aten::linear", "aten::addmm", "aten::mm") for e in prof.key_averages())
+    with torch.inference_mode():
+        for m in linears:
+            m.forward = lambda x, m=m: torch.nn.functional.linear(x, m.weight, m.bias)
+        slow = model(*args)
+    assert (fast - slow).abs().max() <= 1e-5 * slow.abs().max()
 
 
 def test_rope_tables_are_built_once_per_device_and_size(tiny, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,21 @@ SEQ_MULTIPLE = 32  # every token group is padded to a multiple of this with a le
 ADALN_DIM = 256  # width of the timestep embedding that drives adaLN (capped at dim)
 T_EMBED_HIDDEN = 1024  # hidden width of the timestep MLP in the published architecture
 T_FREQ_DIM = 256  # sinusoidal features fed to the timestep MLP
+
+
+# torch sends float32 CPU matmuls to MKL, which skips its AVX-512 code on AMD CPUs; oneDNN's kernel does not
+ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+                 and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose float32 CPU products run in oneDNN (2.1x the throughput of MKL on a Zen 5 CPU; same result
+    up to summation order). Other devices and dtypes, and torch.compile, take the usual path."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if ONEDNN_LINEAR and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
 
 @dataclass(frozen=True)
@@ -111,10 +127,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = n_heads
         head_dim = dim // n_heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(dim, dim, bias=False)
-        self.to_v = nn.Linear(dim, dim, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=False)])
+        self.to_q = Linear(dim, dim, bias=False)
+        self.to_k = Linear(dim, dim, bias=False)
+        self.to_v = Linear(dim, dim, bias=False)
+        self.to_out = nn.ModuleList([Linear(dim, dim, bias=False)])
         self.norm_q = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
 
@@ -130,9 +146,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w1 = Linear(dim, hidden_dim, bias=False)
+        self.w2 = Linear(hidden_dim, dim, bias=False)
+        self.w3 = Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -152,7 +168,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm2 = RMSNorm(dim, cfg.norm_eps)
         self.modulation = modulation
         if modulation:
-            self.adaLN_modulation = nn.Sequential(nn.Linear(min(dim, ADALN_DIM), 4 * dim, bias=True))
+            self.adaLN_modulation = nn.Sequential(Linear(min(dim, ADALN_DIM), 4 * dim, bias=True))
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, t_emb: Tensor | None = None) -> Tensor:
         if not self.modulation:
@@ -168,7 +184,7 @@ class TransformerBlock(nn.Module):
 class TimestepEmbedder(nn.Module):
     def __init__(self, out_dim: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(T_FREQ_DIM, T_EMBED_HIDDEN), nn.SiLU(), nn.Linear(T_EMBED_HIDDEN, out_dim))
+        self.mlp = nn.Sequential(Linear(T_FREQ_DIM, T_EMBED_HIDDEN), nn.SiLU(), Linear(T_EMBED_HIDDEN, out_dim))
 
     def forward(self, t: Tensor) -> Tensor:
         half = T_FREQ_DIM // 2
@@ -182,8 +198,8 @@ class FinalLayer(nn.Module):
     def __init__(self, dim: int, out_dim: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, out_dim, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(min(dim, ADALN_DIM), dim, bias=True))
+        self.linear = Linear(dim, out_dim, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(min(dim, ADALN_DIM), dim, bias=True))
 
     def forward(self, x: Tensor, t_emb: Tensor) -> Tensor:
         scale = 1.0 + self.adaLN_modulation(t_emb).unsqueeze(1)
@@ -265,12 +281,12 @@ class ZImageTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         p, fp, c = cfg.patch_size, cfg.f_patch_size, cfg.in_channels
-        self.all_x_embedder = nn.ModuleDict({cfg.patch_key: nn.Linear(fp * p * p * c, cfg.dim, bias=True)})
+        self.all_x_embedder = nn.ModuleDict({cfg.patch_key: Linear(fp * p * p * c, cfg.dim, bias=True)})
         self.all_final_layer = nn.ModuleDict({cfg.patch_key: FinalLayer(cfg.dim, p * p * fp * c)})
         self.noise_refiner = nn.ModuleList([TransformerBlock(cfg, True) for _ in range(cfg.n_refiner_layers)])
         self.context_refiner = nn.ModuleList([TransformerBlock(cfg, False) for _ in range(cfg.n_refiner_layers)])
         self.t_embedder = TimestepEmbedder(min(cfg.dim, ADALN_DIM))
-        self.cap_embedder = nn.Sequential(RMSNorm(cfg.cap_feat_dim, cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, cfg.dim))
+        self.cap_embedder = nn.Sequential(RMSNorm(cfg.cap_feat_dim, cfg.norm_eps), Linear(cfg.cap_feat_dim, cfg.dim))
         self.x_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
         self.cap_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
         self.layers = nn.ModuleList([TransformerBlock(cfg, True) for _ in range(cfg.n_layers)])
