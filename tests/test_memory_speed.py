@@ -123,6 +123,9 @@ def test_float32_cpu_linears_run_in_onednn_with_the_same_result(tiny):
     calls = sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
     assert calls >= len(linears) > 0
     assert not any(e.key in ("aten::linear", "aten::addmm", "aten::mm") for e in prof.key_averages())
+    x = torch.randn(3, linears[0].in_features, requires_grad=True)  # autograd on: the path with a backward
+    linears[0](x).sum().backward()
+    assert torch.allclose(x.grad, linears[0].weight.sum(0).expand_as(x))
     with torch.inference_mode():
         for m in linears:
             m.forward = lambda x, m=m: torch.nn.functional.linear(x, m.weight, m.bias)
