@@ -291,17 +291,21 @@ def check(
 
 @app.command("make-tiny")
 def make_tiny_cmd(
-    out: Path = typer.Argument(..., help="Folder to write (replaced if it exists)."),
+    out: Path = typer.Argument(..., help="Folder to write (replaced only if it is empty or an earlier tiny checkpoint)."),
     shards: int = typer.Option(1, "--shards", help="Write each weight file as this many shards plus an index."),
     dynamic_shift: bool = typer.Option(False, "--dynamic-shift", help="Scheduler with resolution-dependent shift."),
     no_prefix: bool = typer.Option(False, "--no-prefix", help="Text encoder keys without the 'model.' prefix."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
 ) -> None:
     """Write a small random checkpoint in the published Z-Image layout (for tests and smoke runs)."""
-    from .tiny import TinySpec, make_tiny
+    from .tiny import NotReplaceable, TinySpec, make_tiny
 
-    if out.exists() and not (out / "model_index.json").exists() and any(out.iterdir()):
-        err(f"error: {out} exists and is not a zimage checkpoint; refusing to replace it")
+    try:
+        make_tiny(out, TinySpec(shards=shards, dynamic_shift=dynamic_shift, te_prefix=not no_prefix, seed=seed))
+    except NotReplaceable as e:
+        err(f"error: {e}")
         raise typer.Exit(EXIT_USAGE)
-    make_tiny(out, TinySpec(shards=shards, dynamic_shift=dynamic_shift, te_prefix=not no_prefix, seed=seed))
+    except OSError as e:
+        err(f"error: cannot write {out}: {e.strerror or e}")
+        raise typer.Exit(EXIT_FAILED)
     typer.echo(f"wrote a tiny random checkpoint to {out}")

@@ -156,12 +156,38 @@ def write_model_index(path: Path) -> None:
     path.write_text(json.dumps(index, indent=2))
 
 
+MARKER = ".zimage-tiny"  # written into every tiny checkpoint: the only folders make_tiny will ever replace
+
+
+class NotReplaceable(Exception):
+    """The target of make_tiny exists and is not a tiny checkpoint that zimage wrote."""
+
+
+def replaceable_problem(out: Path) -> str | None:
+    """Why `out` must not be replaced by a tiny checkpoint; None when it is absent, an empty folder, or a tiny
+    checkpoint zimage wrote (it carries the marker file)."""
+    if not out.exists() and not out.is_symlink():
+        return None
+    if out.is_symlink() or not out.is_dir():
+        return f"{out} exists and is not a folder; refusing to replace it"
+    if (out / MARKER).is_file() or not any(out.iterdir()):
+        return None
+    return (f"{out} exists and is not a tiny checkpoint written by zimage make-tiny; refusing to replace it "
+            "(choose another folder)")
+
+
 def make_tiny(out: Path, spec: TinySpec = TinySpec()) -> Path:
-    """Write a random checkpoint of the given shapes to `out` in the published Z-Image layout."""
+    """Write a random checkpoint of the given shapes to `out` in the published Z-Image layout.
+
+    Replaces `out` only when it is empty or an earlier tiny checkpoint (never a real download); otherwise raises
+    NotReplaceable and touches nothing."""
     out = Path(out)
+    if problem := replaceable_problem(out):
+        raise NotReplaceable(problem)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    (out / MARKER).write_text("a random checkpoint written by `zimage make-tiny`; safe to replace\n")
     gen = torch.Generator().manual_seed(spec.seed)
     write_model_index(out / "model_index.json")
 
