@@ -124,26 +124,73 @@ def generate(
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Decode in overlapping tiles so large images fit in little memory."),
     vae_dtype: Optional[str] = typer.Option(None, "--vae-dtype", help="auto, float32 or bfloat16 for the VAE decode. [default: auto: float32, as the VAE config asks]"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    skip_existing: bool = typer.Option(False, "--skip-existing", rich_help_panel="Batch", help="Keep outputs already made with the same settings and make the rest: re-run a stopped batch to finish it."),
+    shard: Optional[str] = typer.Option(None, "--shard", rich_help_panel="Batch", help="Make only share K of N of the run (K/N, K from 0), e.g. one task of a SLURM array; N runs with K=0..N-1 make the whole run."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
 ) -> None:
     """Turn prompts into images."""
+    from . import dist, resume
+
     setup_logging(quiet, debug)
     with reported(debug):
         if batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
         if num_images < 1:
             raise UsageError(f"--num-images must be at least 1 (got {num_images})")
+        part = dist.current(shard)
+        quiet = quiet or part.group_rank > 0  # only rank 0 of a torchrun group reports
+        setup_logging(quiet, debug)
         settings = dict(negative_prompt=negative_prompt, width=width, height=height, num_steps=num_steps,
                         guidance_scale=guidance_scale, cfg_normalization=cfg_normalization,
                         cfg_truncation=cfg_truncation, seed=seed)
-        jobs, skipped, model = plan(prompt, prompts_file, from_png, model_path, output, num_images, overwrite,
-                                    settings)
-        opts = runtime_options(model, jobs, batch_size, cpu, device, dtype, force, offload, compile_, vae_tiling,
-                               vae_dtype, quiet, overwrite)
-        for message in skipped:
+        if part.world > 1 and seed is None and from_png is None:
+            raise UsageError("give --seed when the run is split (--shard or torchrun), so that every process "
+                             "plans the same images")
+        if part.launched and prompts_file == "-":
+            raise UsageError("torchrun processes cannot share stdin: give --prompts-file a file")
+        jobs, skipped, model = plan(prompt, prompts_file, from_png, model_path, output, num_images, settings)
+        mine = resume.triage(dist.share(batches_of(jobs, batch_size), part), overwrite, skip_existing)
+        if blocked := [m for j, m in mine.blocked if j.origin.startswith("--")]:
+            raise UsageError(blocked[0])  # an image asked for on the command line is not silently left out
+        opts = runtime_options(model, mine.todo, batch_size, cpu, device, dtype, force, offload, compile_,
+                               vae_tiling, vae_dtype, quiet, overwrite)
+        group = dist.Group(part, opts.device) if part.launched else None
+        if group and not group.agree(dist.digest(jobs)):
+            raise UsageError("the torchrun processes planned different runs: start each with the same command, "
+                             "files and --seed")
+        failures = (skipped if part.rank == 0 else []) + [m for _, m in mine.blocked]  # bad lines: said once
+        for message in failures:
             err(f"skipped: {message}")
-        failed = run_jobs(opts, jobs, batch_size, json_out)
-    raise typer.Exit(EXIT_OK if not failed and not skipped else EXIT_FAILED)
+        resume.clean(mine.todo + mine.done, mine.stale)
+    start = time.perf_counter()
+    code = EXIT_OK
+    records: list[dict] = []
+    try:
+        with reported(debug):
+            records, failed = run_jobs(opts, mine.todo, mine.done, batch_size, json_out and group is None)
+            failures += failed
+    except typer.Exit as e:
+        if group is None or e.exit_code == EXIT_INTERRUPTED:
+            raise
+        code = e.exit_code  # the error is said; rank 0 still reports this process's images with the others'
+    elapsed = time.perf_counter() - start
+    if group is None:
+        if not records and not failures and part.world == 1:
+            err("nothing to generate")
+            raise typer.Exit(EXIT_FAILED)
+        summarize(records, failures, elapsed)
+        raise typer.Exit(EXIT_OK if not failures else EXIT_FAILED)
+    results = group.gather({"records": records, "failed": len(failures), "code": code})
+    if results is not None:
+        code = report_group(results, json_out, elapsed)
+    group.close()
+    raise typer.Exit(code if code else EXIT_OK if not failures else EXIT_FAILED)
+
+
+def batches_of(jobs: list[Job], size: int) -> list[list[Job]]:
+    from .pipeline import batches
+
+    return batches(jobs, size)
 
 
 def runtime_options(model: Path, jobs: list[Job], batch_size: int, cpu: bool, device: Optional[str],
@@ -151,11 +198,12 @@ def runtime_options(model: Path, jobs: list[Job], batch_size: int, cpu: bool, de
                     vae_dtype: Optional[str], quiet: bool, overwrite: bool):
     """Device, dtype and offload mode for the run, after checking that its largest batch fits in memory."""
     from .devices import choose_offload, estimate, pick_device, pick_dtype
+    from .dist import current as current_shard, local_device
     from .pipeline import OFFLOAD_MODES, Options
 
     if offload is not None and offload not in OFFLOAD_MODES:
         raise UsageError(f"--offload must be one of {', '.join(OFFLOAD_MODES)} (got '{offload}')")
-    dev = pick_device(device, cpu)
+    dev = local_device(pick_device(device, cpu), current_shard())
     dt = pick_dtype(dtype, dev, force)
     vae_dt = None if vae_dtype in (None, "auto") else pick_dtype(vae_dtype, dev, force)
     if not jobs:
@@ -171,54 +219,87 @@ def runtime_options(model: Path, jobs: list[Job], batch_size: int, cpu: bool, de
                    overwrite)
 
 
-def run_jobs(opts, jobs: list[Job], batch_size: int, json_out: bool) -> list[str]:
-    """Make the images, reporting each as it is written. Returns the failures; exits 130 on Ctrl-C after
-    saying which images were written."""
+def record(job: Job, seconds: float | None = None) -> dict:
+    """The --json line of a job: written in `seconds`, or skipped (None) because its file was already made."""
+    s = job.settings
+    r = {"index": job.index, "path": str(job.output), "prompt": s.prompt, "seed": s.seed, "width": s.width,
+         "height": s.height, "steps": s.num_steps, "guidance": s.guidance_scale}
+    return {**r, "seconds": round(seconds, 3)} if seconds is not None else {**r, "skipped": True}
+
+
+def run_jobs(opts, todo: list[Job], done: list[Job], batch_size: int, json_out: bool) -> tuple[list[dict], list[str]]:
+    """Make the images of `todo`, reporting each as it is written; `done` ones were made before and are
+    reported as skipped. Loads no model when nothing is left to write. Returns the records of all, in job
+    order, and the failures; exits 130 on Ctrl-C after saying which images were written."""
     from .pipeline import Pipeline
 
-    if not jobs:
-        err("nothing to generate")
-        return ["nothing to generate"]
+    records = [record(j) for j in done]
+    if json_out:
+        for r in records:
+            typer.echo(json.dumps(r))
+    to_write = [j for j in todo if j.write]
     written: list[Job] = []
     failed: list[str] = []
 
     def on_image(job: Job, seconds: float) -> None:
         written.append(job)
-        s = job.settings
+        records.append(record(job, seconds))
         if json_out:
-            typer.echo(json.dumps({"path": str(job.output), "prompt": s.prompt, "seed": s.seed, "width": s.width,
-                                   "height": s.height, "steps": s.num_steps, "guidance": s.guidance_scale,
-                                   "seconds": round(seconds, 3)}))
-        if len(jobs) > 1:
-            log.info("wrote %s (seed %d, %.1fs)", job.output, s.seed, seconds)
+            typer.echo(json.dumps(records[-1]))
+        if len(to_write) > 1:
+            log.info("wrote %s (seed %d, %.1fs)", job.output, job.settings.seed, seconds)
 
     def on_error(job: Job, message: str) -> None:
         failed.append(message)
         err(f"failed: {job.origin}: {message}")
 
     def summary(what: str) -> str:
-        return f"{what}: {len(written)} of {len(jobs)} image(s) written" + "".join(f"\n  {j.output}" for j in written)
+        return f"{what}: {len(written)} of {len(to_write)} image(s) written" + "".join(f"\n  {j.output}" for j in written)
 
-    start = time.perf_counter()
-    try:
-        Pipeline(opts).run(jobs, batch_size, on_image, on_error)
-    except KeyboardInterrupt:
-        err(summary("interrupted"))
-        raise typer.Exit(EXIT_INTERRUPTED)
-    except Exception:
-        if written:  # the error is reported by the caller; first say what was saved before it
-            err(summary("stopped"))
-        raise
-    elapsed = time.perf_counter() - start
-    if len(jobs) == 1 and written:
-        err(f"Saved {written[0].output} (seed {written[0].settings.seed}, {elapsed:.1f}s)")
-    else:
-        err(f"{len(written)} image(s) written, {len(failed)} failed, in {elapsed:.1f}s")
-    return failed
+    if to_write:
+        try:
+            Pipeline(opts).run(todo, batch_size, on_image, on_error)
+        except KeyboardInterrupt:
+            err(summary("interrupted"))
+            raise typer.Exit(EXIT_INTERRUPTED)
+        except Exception:
+            if written:  # the error is reported by the caller; first say what was saved before it
+                err(summary("stopped"))
+            raise
+    return sorted(records, key=lambda r: r["index"]), failed
+
+
+def summarize(records: list[dict], failures: list, elapsed: float, processes: int = 1) -> None:
+    """The end-of-run line on stderr: the file of a single image, or the counts of a batch."""
+    written = [r for r in records if not r.get("skipped")]
+    if len(records) == 1 and written and not failures:
+        err(f"Saved {written[0]['path']} (seed {written[0]['seed']}, {elapsed:.1f}s)")
+        return
+    by = f" by {processes} processes" if processes > 1 else ""
+    failed = failures if isinstance(failures, int) else len(failures)
+    err(f"{len(written)} image(s) written, {len(records) - len(written)} skipped, {failed} failed{by}, "
+        f"in {elapsed:.1f}s")
+
+
+def report_group(results: list[dict | None], json_out: bool, elapsed: float) -> int:
+    """Rank 0's report of a torchrun run: every record in job order, the merged summary, the ranks that
+    failed or went silent. Returns the exit code of the whole run."""
+    records = sorted((r for p in results if p for r in p["records"]), key=lambda r: r["index"])
+    if json_out:
+        for r in records:
+            typer.echo(json.dumps(r))
+    summarize(records, sum(p["failed"] for p in results if p), elapsed, len(results))
+    bad = False
+    for rank, p in enumerate(results):
+        if p is None or p["code"]:
+            bad = True
+            why = "stopped answering" if p is None else f"failed (exit code {p['code']})"
+            err(f"rank {rank} {why}; the images written are kept: run again with --skip-existing to finish")
+    return EXIT_FAILED if bad or any(p["failed"] for p in results if p) else EXIT_OK
 
 
 def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path], model_path: Optional[Path],
-         output: Optional[str], num_images: int, overwrite: bool, given: dict) -> tuple[list[Job], list[str], Path]:
+         output: Optional[str], num_images: int, given: dict) -> tuple[list[Job], list[str], Path]:
     """Everything checkable before loading: settings, prompts, outputs, the model folder. Returns the jobs,
     the messages of skipped items, and the model folder. `given` holds the setting flags (None = not given)."""
     from .check import require_layout
@@ -234,7 +315,7 @@ def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path
     output = output or DEFAULT_OUTPUT
 
     items = [Item({"prompt": p}, f"--prompt {i + 1}", True) for i, p in enumerate(prompt)]
-    file_errors: list[str] = []
+    file_errors: list[tuple[Item, str]] = []
     if prompts_file is not None:
         file_items, file_errors = read_prompts_file(prompts_file)
         items += file_items
@@ -261,11 +342,11 @@ def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path
     read_config(SchedulerConfig.from_json, model / "scheduler" / "scheduler_config.json")
     max_side = tcfg.max_image_side * vcfg.scale_factor
     guidance_given = given["guidance_scale"] is not None or "guidance_scale" in settings_from(meta)
-    result = plan_jobs(base, items, output, num_images, str(model), max_side, guidance_given, overwrite)
+    result = plan_jobs(base, items, output, num_images, str(model), max_side, guidance_given)
     cli_errors = [m for item, m in result.errors if item.from_cli]
     if cli_errors:
         raise UsageError(cli_errors[0])
-    return result.jobs, file_errors + [m for _, m in result.errors], model
+    return result.jobs, [m for _, m in sorted(file_errors + result.errors, key=lambda e: e[0].line)], model
 
 
 @app.command()

@@ -4,6 +4,7 @@ batches, and makes exactly the images a single process would make for them."""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -43,7 +44,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
-def current(shard: str | None, env: dict | None = None) -> Shard:
+def current(shard: str | None = None, env: dict | None = None) -> Shard:
     """This process's share, from `--shard K/N` and torchrun's RANK, WORLD_SIZE and LOCAL_RANK. Both together
     split each of the N shards between the torchrun processes."""
     env = os.environ if env is None else env
@@ -122,32 +123,28 @@ class Group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.PrefixStore("pg", store),
                                 rank=shard.group_rank, world_size=shard.group_size,
                                 timeout=timedelta(seconds=self.limit))
-        self.alive = threading.Event()
-        self.alive.set()
-        threading.Thread(target=self.beat, daemon=True).start()
+        self.stopping = threading.Event()
+        self.beater = threading.Thread(target=self.beat, daemon=True)
+        self.beater.start()
+        atexit.register(self.leave)  # also on errors: a thread or group still open at exit aborts the process
 
     def beat(self) -> None:
-        while self.alive.is_set():
+        while not self.stopping.is_set():
             try:
                 with self.lock:
                     self.store.add(f"beat/{self.shard.group_rank}", 1)
             except RuntimeError:  # the store went away with the launcher: nobody is listening any more
                 return
-            time.sleep(BEAT)
+            self.stopping.wait(BEAT)
 
-    def agree(self, plan: str, problem: str | None) -> list[str]:
-        """Exchange the plan's fingerprint and any usage error of each process; returns every process's
-        problem (a different plan is one), in rank order."""
+    def agree(self, plan: str) -> bool:
+        """Whether every process planned the same run (the fingerprints of `digest`); also waits for all to
+        have planned, so none writes a file before the others have looked at theirs."""
         import torch.distributed as dist
 
-        mine = {"plan": plan, "problem": problem}
         everyone: list = [None] * self.shard.group_size
-        dist.all_gather_object(everyone, mine)
-        problems = [f"rank {r}: {o['problem']}" for r, o in enumerate(everyone) if o["problem"]]
-        if not problems and any(o["plan"] != plan for o in everyone):
-            problems.append("the processes planned different runs: start every process with the same command, "
-                            "prompts file and --seed")
-        return problems
+        dist.all_gather_object(everyone, plan)
+        return all(p == plan for p in everyone)
 
     def wait(self, key: str, ranks: list[int]) -> dict[int, str | None]:
         """`key` of each rank, polled; None for a rank whose heartbeat stopped for longer than the timeout."""
@@ -187,11 +184,18 @@ class Group:
                 for r in range(self.shard.group_size)]
 
     def close(self) -> None:
-        """Tell the others that rank 0 has reported, and leave the process group."""
-        import torch.distributed as dist
-
+        """Tell the others that rank 0 has reported, and leave the group."""
         if self.shard.group_rank == 0:
             with self.lock:
                 self.store.set("finished/0", "1")
-        self.alive.clear()
-        dist.destroy_process_group()
+        self.leave()
+
+    def leave(self) -> None:
+        import torch.distributed as dist
+
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        self.beater.join()
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -253,6 +253,8 @@ class Pipeline:
                 images = to_pil(self.decode(latents))
                 seconds = (time.perf_counter() - t0) / len(batch)
                 for job, image in zip(batch, images):
+                    if not job.write:  # made only so that its batch is the one first planned
+                        continue
                     with interrupts_held():  # a file on disk is always a file reported, even on Ctrl-C
                         try:
                             save_image(image, job.output, job.metadata, self.opts.overwrite)
