@@ -175,7 +175,7 @@ def generate(
         code = e.exit_code  # the error is said; rank 0 still reports this process's images with the others'
     elapsed = time.perf_counter() - start
     if group is None:
-        if not records and not failures and part.world == 1:
+        if not records and part.world == 1:  # every image was refused (or the input held none)
             err("nothing to generate")
             raise typer.Exit(EXIT_FAILED)
         summarize(records, failures, elapsed)

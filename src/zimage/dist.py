@@ -118,9 +118,11 @@ class Group:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         store, _, _ = next(dist.rendezvous("env://", timeout=timedelta(seconds=self.limit)))
-        self.store = dist.PrefixStore("zimage", store)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # keys of a restarted group start afresh
+        self.store = dist.PrefixStore(f"zimage/{attempt}", store)
         self.lock = threading.Lock()
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.PrefixStore("pg", store),
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                store=dist.PrefixStore(f"zimage-pg/{attempt}", store),
                                 rank=shard.group_rank, world_size=shard.group_size,
                                 timeout=timedelta(seconds=self.limit))
         self.stopping = threading.Event()
