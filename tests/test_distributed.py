@@ -193,3 +193,16 @@ def test_rank_0_stops_waiting_for_a_silent_rank():
     group.lock = threading.Lock()
     store.set("zimage/result/1", json.dumps({"records": [], "failed": 0, "code": 0}))
     assert group.wait("result", [1, 2]) == {1: json.dumps({"records": [], "failed": 0, "code": 0}), 2: None}
+
+
+def test_a_prompts_features_do_not_depend_on_the_other_prompts_of_the_run(tiny):
+    """A split or resumed run encodes only some of the prompts; each must come out bit for bit as in the
+    whole run (batched with padding, some did not)."""
+    from zimage.pipeline import Options, Pipeline
+
+    prompts = ["a cat", "a red car parked by the sea at dusk", "a tree", "a bowl of fruit", "two dogs",
+               "an old lighthouse on a cliff at night, stormy sea", "a tiny blue boat on a calm lake, mist", "a sun"]
+    pipe = Pipeline(Options(tiny, torch.device("cpu"), torch.float32))
+    together = pipe.encode(prompts)
+    for p in prompts:
+        assert torch.equal(together[p], pipe.encode([p])[p]), p

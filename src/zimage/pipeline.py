@@ -154,7 +154,9 @@ class Pipeline:
         self.timings.load += time.perf_counter() - t0
         log.info("text encoder loaded in %.1fs", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        feats = dict(zip(unique, encoder.encode(unique)))
+        # one prompt at a time: batched with padding, a prompt's features would depend (in the last bits) on
+        # the other prompts of the run, and a resumed or split run would not remake its images exactly
+        feats = dict(zip(unique, encoder.encode(unique, batch_size=1)))
         self.timings.encode += time.perf_counter() - t0
         released = [weakref.ref(encoder.model)]
         del encoder
