@@ -21,7 +21,8 @@ import torch
 from typer.testing import CliRunner
 
 from zimage import dist
-from zimage.cli import app, report_group
+from zimage.cli import app
+from zimage.report import report_group
 from zimage.jobs import Job, Settings
 
 BIN = Path(sys.executable).parent

@@ -16,6 +16,7 @@ import typer
 
 from .jobs import (Item, Job, UsageError, output_problem, plan_jobs, read_prompts_file, settings_from,
                    settings_problem, Settings)
+from .report import record, report_group, summarize
 from .weights import DOWNLOAD_HINT, MissingFileError, WeightsError, read_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -175,10 +176,10 @@ def generate(
         code = e.exit_code  # the error is said; rank 0 still reports this process's images with the others'
     elapsed = time.perf_counter() - start
     if group is None:
-        if not records and part.world == 1:  # every image was refused (or the input held none)
+        if not mine.todo and not mine.done and part.world == 1:  # every image was refused
             err("nothing to generate")
             raise typer.Exit(EXIT_FAILED)
-        summarize(records, failures, elapsed)
+        summarize(records, len(failures), elapsed)
         raise typer.Exit(EXIT_OK if not failures else EXIT_FAILED)
     results = group.gather({"records": records, "failed": len(failures), "code": code})
     if results is not None:
@@ -217,14 +218,6 @@ def runtime_options(model: Path, jobs: list[Job], batch_size: int, cpu: bool, de
     log.info("device %s, %s, offload %s; %d image(s)", dev, str(dt).removeprefix("torch."), mode, len(jobs))
     return Options(model, dev, dt, mode, compile_, VAE_TILE if vae_tiling else None, vae_dt, not quiet,
                    overwrite)
-
-
-def record(job: Job, seconds: float | None = None) -> dict:
-    """The --json line of a job: written in `seconds`, or skipped (None) because its file was already made."""
-    s = job.settings
-    r = {"index": job.index, "path": str(job.output), "prompt": s.prompt, "seed": s.seed, "width": s.width,
-         "height": s.height, "steps": s.num_steps, "guidance": s.guidance_scale}
-    return {**r, "seconds": round(seconds, 3)} if seconds is not None else {**r, "skipped": True}
 
 
 def run_jobs(opts, todo: list[Job], done: list[Job], batch_size: int, json_out: bool) -> tuple[list[dict], list[str]]:
@@ -267,35 +260,6 @@ def run_jobs(opts, todo: list[Job], done: list[Job], batch_size: int, json_out: 
                 err(summary("stopped"))
             raise
     return sorted(records, key=lambda r: r["index"]), failed
-
-
-def summarize(records: list[dict], failures: list, elapsed: float, processes: int = 1) -> None:
-    """The end-of-run line on stderr: the file of a single image, or the counts of a batch."""
-    written = [r for r in records if not r.get("skipped")]
-    if len(records) == 1 and written and not failures:
-        err(f"Saved {written[0]['path']} (seed {written[0]['seed']}, {elapsed:.1f}s)")
-        return
-    by = f" by {processes} processes" if processes > 1 else ""
-    failed = failures if isinstance(failures, int) else len(failures)
-    err(f"{len(written)} image(s) written, {len(records) - len(written)} skipped, {failed} failed{by}, "
-        f"in {elapsed:.1f}s")
-
-
-def report_group(results: list[dict | None], json_out: bool, elapsed: float) -> int:
-    """Rank 0's report of a torchrun run: every record in job order, the merged summary, the ranks that
-    failed or went silent. Returns the exit code of the whole run."""
-    records = sorted((r for p in results if p for r in p["records"]), key=lambda r: r["index"])
-    if json_out:
-        for r in records:
-            typer.echo(json.dumps(r))
-    summarize(records, sum(p["failed"] for p in results if p), elapsed, len(results))
-    bad = False
-    for rank, p in enumerate(results):
-        if p is None or p["code"]:
-            bad = True
-            why = "stopped answering" if p is None else f"failed (exit code {p['code']})"
-            err(f"rank {rank} {why}; the images written are kept: run again with --skip-existing to finish")
-    return EXIT_FAILED if bad or any(p["failed"] for p in results if p) else EXIT_OK
 
 
 def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path], model_path: Optional[Path],
