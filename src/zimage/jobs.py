@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UsageError
 from .images import FORMATS
 
 MAX_SEED = 2**64 - 1
@@ -18,10 +19,6 @@ DEFAULT_GUIDANCE_WITH_NEGATIVE = 5.0
 JSONL_FIELDS = {"prompt", "negative_prompt", "seed", "width", "height", "num_steps", "guidance_scale", "output",
                 "cfg_normalization", "cfg_truncation", "num_images"}
 PLACEHOLDERS = {"index", "seed", "prompt"}
-
-
-class UsageError(Exception):
-    """Bad input found before any work: reported on one line, exit code 2."""
 
 
 class ItemError(Exception):

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from .errors import OutOfMemory
 from .images import save_image, to_pil
 from .jobs import Job
 from .devices import tune_allocator
@@ -47,10 +48,6 @@ def interrupts_held():
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if caught:
         raise KeyboardInterrupt
-
-
-class OutOfMemory(RuntimeError):
-    """The device ran out of memory; the message says what was being made."""
 
 
 @dataclass(frozen=True)
