@@ -7,8 +7,10 @@ and what the terminal shows are the point; the rest runs in-process with CliRunn
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from importlib.metadata import version
@@ -19,6 +21,7 @@ import typer
 from typer.testing import CliRunner
 
 from zimage.cli import app
+from zimage.images import read_settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 PANELS = ["Prompts", "Image", "Sampling", "Output", "Model files", "Device and memory", "Batch"]
@@ -109,4 +112,164 @@ def test_help_and_usage_errors_do_not_import_torch(tmp_path, args):
     result = zimage(*args, cwd=tmp_path, python=("-X", "importtime"))
     assert result.returncode == (0 if "--help" in args or "--version" in args else 2), result.stderr[-2000:]
     assert not imported(result) & HEAVY, sorted(imported(result) & HEAVY)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------- first-hour mistakes
+
+SMALL = ["--width", "64", "--height", "64", "--num-steps", "2"]
+
+
+def generate(*args: str):
+    return CliRunner().invoke(app, ["generate", *args])
+
+
+def one_error_line(result, code: int, *phrases: str) -> str:
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for phrase in phrases:
+        assert phrase in lines[0], (phrase, lines[0])
+    return lines[0]
+
+
+def test_from_png_finds_a_relative_model_path_from_another_folder(tiny, tmp_path, monkeypatch):
+    """The PNG stores the model folder's absolute path (and the path as typed, for the record)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    relative = os.path.relpath(tiny, tmp_path / "a")
+    first = generate("--model-path", relative, "-p", "a cat", *SMALL, "--seed", "3", "-q", "-o", "one.png")
+    assert first.exit_code == 0, first.output
+    meta = read_settings(tmp_path / "a" / "one.png")
+    assert meta["model_path"] == str(tiny) and meta["model_path_given"] == relative
+    monkeypatch.chdir(tmp_path / "b")
+    again = generate("--from-png", str(tmp_path / "a" / "one.png"), "-q", "-o", "two.png")
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "b" / "two.png").is_file()
+
+
+def test_download_hint_only_for_the_default_model_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    default = one_error_line(generate("-p", "a cat", "--seed", "1"), 2, "weights/Z-Image-Turbo not found",
+                             "huggingface-cli download")
+    assert "not found" in default
+    custom = one_error_line(generate("-p", "a cat", "--model-path", "mine", "--seed", "1"), 2, "mine not found")
+    assert "huggingface-cli" not in custom
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    one_error_line(generate("-p", "a cat", "--model-path", "model.safetensors", "--seed", "1"), 2,
+                   "model.safetensors is a file, not a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_missing_model_stored_in_a_png_says_where_it_came_from(tiny, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    assert generate("--model-path", str(model), "-p", "a cat", *SMALL, "--seed", "1", "-q", "-o",
+                    str(tmp_path / "a.png")).exit_code == 0
+    shutil.rmtree(model)
+    one_error_line(generate("--from-png", str(tmp_path / "a.png"), "-o", str(tmp_path / "b.png")), 2,
+                   f"model folder {model} not found", f"stored in {tmp_path / 'a.png'}")
+
+
+@pytest.mark.parametrize("template, phrase", [
+    ("t/{foo}.png", "unknown placeholder {foo}; use {index}, {seed} or {prompt}"),
+    ("t/{index:zz}.png", "bad output template 't/{index:zz}.png'"),
+    ("t/{.png", "bad output template 't/{.png'"),
+    ("t/}.png", "bad output template 't/}.png'"),
+])
+def test_bad_output_template_is_a_usage_error_before_loading(tiny, tmp_path, monkeypatch, template, phrase):
+    monkeypatch.chdir(tmp_path)
+    one_error_line(generate("--model-path", str(tiny), "-p", "a cat", *SMALL, "-o", template), 2, phrase)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_seed_line_only_once_work_starts(tiny, tmp_path):
+    """A usage error is the only line; a run without --seed says its seed."""
+    one_error_line(generate("--model-path", str(tiny), "-p", "a cat", "--width", "1000"), 2, "multiples of 16")
+    one_error_line(generate("--model-path", str(tmp_path / "none"), "-p", "a cat"), 2, "not found")
+    result = generate("--model-path", str(tiny), "-p", "a cat", *SMALL, "-o", str(tmp_path / "a.png"))
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^seed \d+ \(random; pass --seed \d+ to reproduce\)$", result.stderr, flags=re.M)
+
+
+def test_quiet_prints_nothing_but_json_records(tiny, tmp_path):
+    """-q: errors and warnings only on stderr; stdout holds --json records and nothing else."""
+    quiet = generate("--model-path", str(tiny), "-p", "a cat", *SMALL, "-q", "-o", str(tmp_path / "a.png"))
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.stdout == "" and quiet.stderr == ""
+    records = generate("--model-path", str(tiny), "-p", "a cat", "-p", "a dog", *SMALL, "-q", "--json",
+                       "-o", str(tmp_path / "b.png"))
+    assert records.exit_code == 0, records.output
+    assert records.stderr == ""
+    assert [json.loads(line)["prompt"] for line in records.stdout.splitlines()] == ["a cat", "a dog"]
+    loud = generate("--model-path", str(tiny), "-p", "a cat", *SMALL, "--seed", "1", "-o", str(tmp_path / "c.png"))
+    assert loud.stdout == "" and "Saved" in loud.stderr
+
+
+def test_quoted_tilde_in_output_is_the_home_folder(tiny, tmp_path, monkeypatch):
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    result = generate("--model-path", str(tiny), "-p", "a cat", *SMALL, "--seed", "1", "-q", "-o", "~/pics/x.png")
+    assert result.exit_code == 0, result.output
+    assert (home / "pics" / "x.png").is_file()
+    assert list(work.iterdir()) == []
+
+
+def test_byte_order_mark_is_not_part_of_the_first_prompt(tiny, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("\ufeffa cat\na dog\n".encode("utf-8"))
+    result = generate("--model-path", str(tiny), "--prompts-file", str(prompts), *SMALL, "--seed", "1", "-q",
+                      "--json", "-o", str(tmp_path / "out" / "{index}.png"))
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["prompt"] for line in result.stdout.splitlines()] == ["a cat", "a dog"]
+
+
+def test_prompts_file_that_is_a_folder(tiny, tmp_path):
+    one_error_line(generate("--model-path", str(tiny), "--prompts-file", str(tmp_path)), 2,
+                   f"prompts file {tmp_path} is a folder")
+
+
+def test_cpu_and_another_device_conflict(tiny, tmp_path):
+    one_error_line(generate("--model-path", str(tiny), "-p", "a cat", *SMALL, "--cpu", "--device", "cuda",
+                            "-o", str(tmp_path / "a.png")), 2, "--cpu and --device cuda conflict")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_options_that_do_nothing_here_say_so(tiny, tmp_path):
+    result = generate("--model-path", str(tiny), "-p", "a cat", *SMALL, "--seed", "1", "--cpu", "-q",
+                      "--offload", "sequential", "--cfg-truncation", "1.5", "-o", str(tmp_path / "a.png"))
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2, lines
+    assert "--offload sequential does nothing on cpu" in lines[1] and "running without offload" in lines[1]
+    assert "--cfg-truncation 1.5 is above 1" in lines[0] and "the same as 1" in lines[0]
+
+
+INTERRUPT_AT_TORCH = """
+import runpy, sys
+
+
+class CtrlC:  # Ctrl-C arriving while torch is imported, the longest part of start-up
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+
+
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["zimage", *sys.argv[1:]]
+runpy.run_module("zimage", run_name="__main__")
+"""
+
+
+def test_ctrl_c_during_start_up_exits_130_on_one_line(tiny, tmp_path):
+    result = subprocess.run([sys.executable, "-c", INTERRUPT_AT_TORCH, "generate", "--model-path", str(tiny),
+                             "-p", "a cat", *SMALL, "-o", str(tmp_path / "a.png")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().splitlines() == ["interrupted before any image was written"]
     assert list(tmp_path.iterdir()) == []

@@ -47,7 +47,8 @@ def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path
     random_seed = None
     if given["seed"] is None and "seed" not in meta:
         base["seed"] = random_seed = secrets.randbits(32)
-    model = (model_path or (Path(meta["model_path"]) if "model_path" in meta else DEFAULT_MODEL)).expanduser()
+    stored_model = model_path is None and "model_path" in meta
+    model = (model_path or (Path(meta["model_path"]) if stored_model else DEFAULT_MODEL)).expanduser()
     check_template(output)  # before formatting it below: an unknown placeholder is a usage error, not a KeyError
 
     items = [Item({"prompt": p}, f"--prompt {i + 1}", True) for i, p in enumerate(prompt)]
@@ -81,7 +82,8 @@ def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path
 
         require_layout(model)
     except MissingFileError as e:
-        raise UsageError(missing_hint(e, model)) from None
+        stored = f" (the model stored in {from_png}; --model-path DIR gives another)" if stored_model else ""
+        raise UsageError(missing_hint(e, model) + stored) from None
     from .scheduler import SchedulerConfig
     from .transformer import TransformerConfig
     from .vae import VAEConfig
