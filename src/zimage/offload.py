@@ -125,9 +125,9 @@ class BlockStreamer:
             return
         with self.streams.use(self.side):
             if flat is None:
-                copies = [t.to(self.device, non_blocking=True) for t in self.host[i]]
+                copies = [t.to(self.device, non_blocking=True, copy=True) for t in self.host[i]]
             else:
-                copies = [flat.to(self.device, non_blocking=True)]
+                copies = [flat.to(self.device, non_blocking=True, copy=True)]
             event = self.streams.new_event()
             event.record(self.side)
         self.ready[i] = (copies, event)

@@ -187,7 +187,7 @@ class Pipeline:
         if self.streamer is not None:
             self.streamer.remove()
         uncompile(self.blocks)
-        released = [weakref.ref(self.transformer)] if self.transformer is not None else []
+        released = [weakref.ref(m) for m in [self.transformer, *self.blocks] if m is not None]
         self.transformer = self.streamer = None
         free_memory(released, self.compute_device)
 
