@@ -231,7 +231,7 @@ def runtime_options(model: Path, jobs: list[Job], batch_size: int, cpu: bool, de
         return Options(model, dev, dt)
     largest = max(jobs, key=lambda j: j.settings.width * j.settings.height).settings
     needs = estimate(model, dt, largest.width, largest.height, min(batch_size, len(jobs)),
-                     any(j.settings.guidance_scale > 0 for j in jobs))
+                     any(j.settings.guidance_scale > 0 for j in jobs), VAE_TILE if vae_tiling else None)
     mode, note = choose_offload(needs, dev, dt, offload)
     if note:
         log.info(note)
