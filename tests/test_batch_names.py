@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from zimage.cli import app
 from zimage.jobs import slug
 
-SMALL = ["--width", "64", "--height", "64", "--num-steps", "2", "--seed", "5", "-q"]
+SMALL = ["--width", "64", "--height", "64", "--num-steps", "2", "--seed", "5"]
 
 
 def generate(model, *args, input=None):

@@ -26,7 +26,7 @@ from zimage.report import report_group
 from zimage.jobs import Job, Settings
 
 BIN = Path(sys.executable).parent
-SMALL = ["--width", "64", "--height", "64", "--num-steps", "2", "--seed", "3", "-q"]
+SMALL = ["--width", "64", "--height", "64", "--num-steps", "2", "--seed", "3"]
 PROMPTS = ["a red car", "a blue boat on a calm lake at dawn", "a green tree", "a yellow sun",
            "an old lighthouse on a cliff", "a white cloud", "a black cat", "a bowl of fruit"]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -170,14 +170,15 @@ def test_split_run_needs_a_seed(tiny, tmp_path):
     assert result.exit_code == 2 and "--seed" in result.stderr
 
 
-def test_rank_0_reports_a_rank_that_failed_or_went_silent(capsys):
+def test_rank_0_reports_a_rank_that_failed_or_went_silent(capsys, caplog):
     rec = {"index": 1, "path": "1.png", "seconds": 0.1}
     results = [{"records": [{"index": 0, "path": "0.png", "skipped": True}], "failed": 0, "code": 0},
                {"records": [rec], "failed": 0, "code": 1}, None]
-    assert report_group(results, True, 1.0) == 1
+    with caplog.at_level("INFO", logger="zimage"):
+        assert report_group(results, True, 1.0) == 1
     out, err = capsys.readouterr()
     assert [json.loads(line)["index"] for line in out.splitlines()] == [0, 1]
-    assert "1 image(s) written, 1 skipped, 0 failed by 3 processes" in err
+    assert "1 image(s) written, 1 skipped, 0 failed by 3 processes" in caplog.text
     assert "rank 1 failed (exit code 1)" in err and "rank 2 stopped answering" in err
     assert "--skip-existing" in err
 

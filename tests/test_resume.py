@@ -23,7 +23,7 @@ import zimage.weights
 from zimage.cli import app
 
 ZIMAGE = Path(sys.executable).parent / "zimage"
-SMALL = ["--width", "64", "--height", "64", "--num-steps", "2", "--seed", "7", "-q"]
+SMALL = ["--width", "64", "--height", "64", "--num-steps", "2", "--seed", "7"]
 PROMPTS = ["a red car", "a blue boat", "a green tree", "a yellow sun", "a white cloud"]
 
 

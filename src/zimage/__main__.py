@@ -1,5 +1,5 @@
-"""`python -m zimage`: the same command as `zimage` (torchrun starts processes this way)."""
+"""`python -m zimage`: the same as the `zimage` command."""
 
-from .cli import app
+from .cli import main
 
-app(prog_name="zimage")
+main()

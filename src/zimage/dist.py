@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
-from .jobs import Job, UsageError
+from .errors import UsageError
+from .jobs import Job
 
 TIMEOUT_ENV = "ZIMAGE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT = 600.0  # seconds a process may stay silent (or take to join) before the others give up on it

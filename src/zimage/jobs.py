@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UsageError
 from .images import FORMATS
 
 MAX_SEED = 2**64 - 1
@@ -20,10 +21,6 @@ DEFAULT_GUIDANCE_WITH_NEGATIVE = 5.0
 JSONL_FIELDS = {"prompt", "negative_prompt", "seed", "width", "height", "num_steps", "guidance_scale", "output",
                 "cfg_normalization", "cfg_truncation", "num_images"}
 PLACEHOLDERS = {"index", "seed", "prompt"}
-
-
-class UsageError(Exception):
-    """Bad input found before any work: reported on one line, exit code 2."""
 
 
 class ItemError(Exception):
@@ -62,7 +59,8 @@ class Job:
         return {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "steps": s.num_steps,
                 "guidance": s.guidance_scale, "cfg_normalization": s.cfg_normalization,
                 "cfg_truncation": s.cfg_truncation, "seed": s.seed, "width": s.width, "height": s.height,
-                "model": Path(self.model).name, "model_path": self.model}
+                "model": Path(os.path.abspath(self.model)).name, "model_path": os.path.abspath(self.model),
+                "model_path_given": self.model}  # the absolute path re-runs from any folder; as typed, for the record
 
 
 def round16(n: int, up: bool) -> int:
@@ -163,8 +161,8 @@ def slug(prompt: str, limit: int = 40, max_bytes: int = 120) -> str:
 
 
 def render_output(template: str, index: int, seed: int, prompt: str, numbered: bool) -> Path:
-    """The file for image `index`; when `numbered`, `-0000`... goes before the extension."""
-    path = Path(template.format(index=index, seed=seed, prompt=slug(prompt)))
+    """The file for image `index`; when `numbered`, `-0000`... goes before the extension. A quoted ~ is expanded."""
+    path = Path(template.format(index=index, seed=seed, prompt=slug(prompt))).expanduser()
     return path.with_name(f"{path.stem}-{index:04d}{path.suffix}") if numbered else path
 
 
@@ -221,13 +219,15 @@ def looks_like_jsonl(text: str) -> bool:
 def read_prompts_file(path: str) -> tuple[list[Item], list[tuple[Item, str]]]:
     """Items of a prompts file (`-`: stdin), read as JSONL when named .jsonl or when its content is JSONL."""
     if path == "-":
-        text = sys.stdin.read()
+        text = sys.stdin.read().removeprefix("\ufeff")  # a byte-order mark is not part of the first prompt
         return read_prompt_lines(text, "stdin", jsonl=looks_like_jsonl(text))
-    p = Path(path)
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UsageError(f"prompts file {p} is a folder; give a text or .jsonl file")
     if not p.is_file():
         raise UsageError(f"prompts file {p} not found")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # utf-8, dropping a byte-order mark that editors may write
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read prompts file {p}: {e}") from None
     return read_prompt_lines(text, p.name, jsonl=p.suffix.lower() == ".jsonl" or looks_like_jsonl(text))

@@ -4,12 +4,14 @@ or, at rank 0, for every process of a torchrun group."""
 from __future__ import annotations
 
 import json
+import logging
 
 import typer
 
 from .jobs import Job
 
 EXIT_OK, EXIT_FAILED = 0, 1
+log = logging.getLogger("zimage")
 
 
 def err(message: str) -> None:
@@ -25,14 +27,14 @@ def record(job: Job, seconds: float | None = None) -> dict:
 
 
 def summarize(records: list[dict], failed: int, elapsed: float, processes: int = 1) -> None:
-    """The end-of-run line on stderr: the file of a single image, or the counts of a batch."""
+    """The end-of-run line on stderr (not with -q): the file of a single image, or the counts of a batch."""
     written = [r for r in records if not r.get("skipped")]
     if len(records) == 1 and written and not failed:
-        err(f"Saved {written[0]['path']} (seed {written[0]['seed']}, {elapsed:.1f}s)")
+        log.info("Saved %s (seed %d, %.1fs)", written[0]["path"], written[0]["seed"], elapsed)
         return
     by = f" by {processes} processes" if processes > 1 else ""
-    err(f"{len(written)} image(s) written, {len(records) - len(written)} skipped, {failed} failed{by}, "
-        f"in {elapsed:.1f}s")
+    log.info("%d image(s) written, %d skipped, %d failed%s, in %.1fs", len(written), len(records) - len(written),
+             failed, by, elapsed)
 
 
 def report_group(results: list[dict | None], json_out: bool, elapsed: float) -> int:

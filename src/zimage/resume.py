@@ -8,7 +8,8 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .jobs import Job, UsageError
+from .errors import UsageError
+from .jobs import Job
 
 # metadata that says how or where a run went, not what image it makes
 RUN_SPECIFIC = frozenset({"model_path", "seconds", "version"})
