@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -170,12 +171,14 @@ def test_split_run_needs_a_seed(tiny, tmp_path):
     assert result.exit_code == 2 and "--seed" in result.stderr
 
 
-def test_rank_0_reports_a_rank_that_failed_or_went_silent(capsys, caplog):
+def test_rank_0_reports_a_rank_that_failed_or_went_silent(capsys, caplog, monkeypatch):
     rec = {"index": 1, "path": "1.png", "seconds": 0.1}
     results = [{"records": [{"index": 0, "path": "0.png", "skipped": True}], "failed": 0, "code": 0},
                {"records": [rec], "failed": 0, "code": 1}, None]
-    with caplog.at_level("INFO", logger="zimage"):
-        assert report_group(results, True, 1.0) == 1
+    log = logging.getLogger("zimage")  # the CLI's logger does not propagate to the root, where caplog listens
+    monkeypatch.setattr(log, "handlers", [caplog.handler])
+    monkeypatch.setattr(log, "level", logging.INFO)
+    assert report_group(results, True, 1.0) == 1
     out, err = capsys.readouterr()
     assert [json.loads(line)["index"] for line in out.splitlines()] == [0, 1]
     assert "1 image(s) written, 1 skipped, 0 failed by 3 processes" in caplog.text
