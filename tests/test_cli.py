@@ -266,10 +266,13 @@ runpy.run_module("zimage", run_name="__main__")
 """
 
 
-def test_ctrl_c_during_start_up_exits_130_on_one_line(tiny, tmp_path):
-    result = subprocess.run([sys.executable, "-c", INTERRUPT_AT_TORCH, "generate", "--model-path", str(tiny),
-                             "-p", "a cat", *SMALL, "-o", str(tmp_path / "a.png")],
-                            capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("command, line", [
+    (["generate", "-p", "a cat", *SMALL], "interrupted before any image was written"),
+    (["check"], "interrupted"),
+])
+def test_ctrl_c_during_start_up_exits_130_on_one_line(tiny, tmp_path, command, line):
+    result = subprocess.run([sys.executable, "-c", INTERRUPT_AT_TORCH, *command, "--model-path", str(tiny)],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 130, result.stderr
-    assert result.stderr.strip().splitlines() == ["interrupted before any image was written"]
+    assert result.stderr.strip().splitlines() == [line]
     assert list(tmp_path.iterdir()) == []

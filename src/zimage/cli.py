@@ -13,7 +13,7 @@ from typing import Iterator, List, Optional
 
 import typer
 
-from .clihelp import Command, Group
+from .clihelp import EXIT_INTERRUPTED, Command, Group
 from .errors import MissingFileError, NonFiniteImage, NonFiniteLatents, OutOfMemory, UsageError, WeightsError
 from .jobs import Job, Settings
 from .layout import DEFAULT_MODEL
@@ -27,7 +27,7 @@ app = typer.Typer(cls=Group, add_completion=False, no_args_is_help=True, pretty_
 log = logging.getLogger("zimage")
 
 DEFAULT_OUTPUT = "z_image_output.png"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 VAE_TILE = 64  # latent pixels (512 px) per tile with --vae-tiling
 PROMPTS, IMAGE, SAMPLING, OUTPUT = "Prompts", "Image", "Sampling", "Output"
 MODEL_FILES, DEVICE, BATCH = "Model files", "Device and memory", "Batch"
