@@ -246,7 +246,7 @@ def test_options_that_do_nothing_here_say_so(tiny, tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.stderr.splitlines()
     assert len(lines) == 2, lines
-    assert "--offload sequential does nothing on cpu" in lines[1] and "running without offload" in lines[1]
+    assert "--offload sequential saves no memory on cpu" in lines[1] and "same image, slower" in lines[1]
     assert "--cfg-truncation 1.5 is above 1" in lines[0] and "the same as 1" in lines[0]
 
 

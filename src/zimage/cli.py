@@ -222,9 +222,8 @@ def runtime_options(model: Path, jobs: list[Job], batch_size: int, cpu: bool, de
         raise UsageError(f"--cpu and --device {device} conflict; give one of them")
     dev = pick_device(device, cpu)
     if offload in ("model", "sequential") and dev.type != "cuda":
-        log.warning("warning: --offload %s does nothing on %s (the weights already live in the memory it computes "
-                    "from); running without offload", offload, dev.type)
-        offload = "none"
+        log.warning("warning: --offload %s saves no memory on %s: the weights already live in the memory it computes "
+                    "from, so offloading only adds copies (same image, slower)", offload, dev.type)
     dt = pick_dtype(dtype, dev, force)
     vae_dt = None if vae_dtype in (None, "auto") else pick_dtype(vae_dtype, dev, force)
     if not jobs:
