@@ -12,7 +12,7 @@ from .transformer import TransformerConfig, ZImageTransformer
 from .vae import AutoencoderKL, VAEConfig
 from .weights import (CONFIG_NAMES, DOWNLOAD_HINT, TOKENIZER_FILES, WEIGHT_STEMS, MissingFileError, WeightsError,
                       checkpoint_header, expected_shapes, human_bytes, match_keys, read_config, read_json,
-                      weight_files)
+                      require_tokenizer, weight_files)
 
 COMPONENTS = ("scheduler", "tokenizer", "text_encoder", "transformer", "vae")
 
@@ -33,19 +33,6 @@ def require_layout(model_path: Path) -> None:
             require_tokenizer(folder)
         if name in WEIGHT_STEMS:
             weight_files(folder, WEIGHT_STEMS[name])
-
-
-def require_tokenizer(folder: Path) -> None:
-    """Fail with MissingFileError unless the tokenizer can be built: its config, and `tokenizer.json` or the
-    `vocab.json` + `merges.txt` pair it can be rebuilt from."""
-    for fname in TOKENIZER_FILES:
-        read_json(folder / fname)
-    if (folder / "tokenizer.json").is_file():
-        return
-    if (folder / "vocab.json").is_file() and not (folder / "merges.txt").is_file():
-        raise MissingFileError(f"missing {folder / 'tokenizer.json'} (or {folder / 'merges.txt'} beside vocab.json)")
-    if not (folder / "vocab.json").is_file():
-        raise MissingFileError(f"missing {folder / 'tokenizer.json'}")
 
 
 def one_line(e: BaseException) -> str:
