@@ -101,7 +101,11 @@ def generate(
     prompt: List[str] = typer.Option([], "--prompt", "-p", help="Prompt text; give it several times for several prompts."),
     prompts_file: Optional[str] = typer.Option(None, "--prompts-file", help="File of prompts: one a line (# comments), or .jsonl objects; - reads stdin."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="What to steer away from (turns CFG on with scale 5 unless --guidance-scale says otherwise). [default: \"\"]"),
-    model_path: Optional[Path] = typer.Option(None, "--model-path", help=f"Checkpoint folder in the published layout. [default: {DEFAULT_MODEL}]"),
+    model_path: Optional[Path] = typer.Option(None, "--model-path", help=f"Checkpoint folder in the published layout, or org/name of a model in the Hugging Face cache. [default: {DEFAULT_MODEL}, then the cache]"),
+    transformer: Optional[Path] = typer.Option(None, "--transformer", help="Transformer from one safetensors file (ComfyUI/original or diffusers names).", rich_help_panel="Model files"),
+    text_encoder: Optional[Path] = typer.Option(None, "--text-encoder", help="Qwen3 text encoder from one safetensors file (as ComfyUI ships it).", rich_help_panel="Model files"),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="VAE from one safetensors file (Flux ae.safetensors or diffusers names).", rich_help_panel="Model files"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder (or org/name in the Hugging Face cache). [default: the model folder's tokenizer/]", rich_help_panel="Model files"),
     width: Optional[int] = typer.Option(None, "--width", help="Image width in pixels, a multiple of 16. [default: 1024]"),
     height: Optional[int] = typer.Option(None, "--height", help="Image height in pixels, a multiple of 16. [default: 1024]"),
     num_steps: Optional[int] = typer.Option(None, "--num-steps", help="Denoising steps (forward passes). [default: 8]"),
@@ -137,7 +141,8 @@ def generate(
                         guidance_scale=guidance_scale, cfg_normalization=cfg_normalization,
                         cfg_truncation=cfg_truncation, seed=seed)
         jobs, skipped, model = plan(prompt, prompts_file, from_png, model_path, output, num_images, overwrite,
-                                    settings)
+                                    settings, dict(transformer=transformer, text_encoder=text_encoder, vae=vae,
+                                                   tokenizer=tokenizer))
         opts = runtime_options(model, jobs, batch_size, cpu, device, dtype, force, offload, compile_, vae_tiling,
                                vae_dtype, quiet, overwrite)
         for message in skipped:
@@ -146,7 +151,7 @@ def generate(
     raise typer.Exit(EXIT_OK if not failed and not skipped else EXIT_FAILED)
 
 
-def runtime_options(model: Path, jobs: list[Job], batch_size: int, cpu: bool, device: Optional[str],
+def runtime_options(model, jobs: list[Job], batch_size: int, cpu: bool, device: Optional[str],
                     dtype: Optional[str], force: bool, offload: Optional[str], compile_: bool, vae_tiling: bool,
                     vae_dtype: Optional[str], quiet: bool, overwrite: bool):
     """Device, dtype and offload mode for the run, after checking that its largest batch fits in memory."""
@@ -159,7 +164,7 @@ def runtime_options(model: Path, jobs: list[Job], batch_size: int, cpu: bool, de
     dt = pick_dtype(dtype, dev, force)
     vae_dt = None if vae_dtype in (None, "auto") else pick_dtype(vae_dtype, dev, force)
     if not jobs:
-        return Options(model, dev, dt)
+        return Options(model.folder, dev, dt, files=model)
     largest = max(jobs, key=lambda j: j.settings.width * j.settings.height).settings
     needs = estimate(model, dt, largest.width, largest.height, min(batch_size, len(jobs)),
                      any(j.settings.guidance_scale > 0 for j in jobs))
@@ -167,8 +172,8 @@ def runtime_options(model: Path, jobs: list[Job], batch_size: int, cpu: bool, de
     if note:
         log.info(note)
     log.info("device %s, %s, offload %s; %d image(s)", dev, str(dt).removeprefix("torch."), mode, len(jobs))
-    return Options(model, dev, dt, mode, compile_, VAE_TILE if vae_tiling else None, vae_dt, not quiet,
-                   overwrite)
+    return Options(model.folder, dev, dt, mode, compile_, VAE_TILE if vae_tiling else None, vae_dt, not quiet,
+                   overwrite, files=model)
 
 
 def run_jobs(opts, jobs: list[Job], batch_size: int, json_out: bool) -> list[str]:
@@ -218,10 +223,13 @@ def run_jobs(opts, jobs: list[Job], batch_size: int, json_out: bool) -> list[str
 
 
 def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path], model_path: Optional[Path],
-         output: Optional[str], num_images: int, overwrite: bool, given: dict) -> tuple[list[Job], list[str], Path]:
-    """Everything checkable before loading: settings, prompts, outputs, the model folder. Returns the jobs,
-    the messages of skipped items, and the model folder. `given` holds the setting flags (None = not given)."""
+         output: Optional[str], num_images: int, overwrite: bool, given: dict, files: Optional[dict] = None):
+    """Everything checkable before loading: settings, prompts, outputs, the model files. Returns the jobs,
+    the messages of skipped items, and the ModelFiles of the run. `given` holds the setting flags (None = not
+    given); `files` the single-file flags (--transformer, --text-encoder, --vae, --tokenizer)."""
     from .check import require_layout
+    from .hub import resolve_model_path
+    from .modelfiles import checked, require_sources, scheduler_config, sources
     from .scheduler import SchedulerConfig
     from .transformer import TransformerConfig
     from .vae import VAEConfig
@@ -230,7 +238,7 @@ def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path
     if given["seed"] is None and "seed" not in meta:
         base["seed"] = secrets.randbits(32)
         log.info("seed %d (random; pass --seed %d to reproduce)", base["seed"], base["seed"])
-    model = model_path or (Path(meta["model_path"]) if "model_path" in meta else DEFAULT_MODEL)
+    named = model_path if model_path is not None else meta.get("model_path")
     output = output or DEFAULT_OUTPUT
 
     items = [Item({"prompt": p}, f"--prompt {i + 1}", True) for i, p in enumerate(prompt)]
@@ -255,13 +263,22 @@ def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path
     if problem := output_problem(probe):
         raise UsageError(problem)
 
-    require_layout(model)
-    tcfg = read_config(TransformerConfig.from_json, model / "transformer" / "config.json")
-    vcfg = read_config(VAEConfig.from_json, model / "vae" / "config.json")
-    read_config(SchedulerConfig.from_json, model / "scheduler" / "scheduler_config.json")
+    folder, label = resolve_model_path(None if named is None else str(named), DEFAULT_MODEL)
+    model = sources(folder, named is not None, **(files or {}))
+    if model.single_files or model.tokenizer:
+        require_sources(model)
+        tcfg, vcfg = checked(model, "transformer").config, checked(model, "vae").config
+        if model.text_encoder:
+            checked(model, "text_encoder")
+        scheduler_config(model)
+    else:
+        require_layout(folder)
+        tcfg = read_config(TransformerConfig.from_json, folder / "transformer" / "config.json")
+        vcfg = read_config(VAEConfig.from_json, folder / "vae" / "config.json")
+        read_config(SchedulerConfig.from_json, folder / "scheduler" / "scheduler_config.json")
     max_side = tcfg.max_image_side * vcfg.scale_factor
     guidance_given = given["guidance_scale"] is not None or "guidance_scale" in settings_from(meta)
-    result = plan_jobs(base, items, output, num_images, str(model), max_side, guidance_given, overwrite)
+    result = plan_jobs(base, items, output, num_images, label, max_side, guidance_given, overwrite)
     cli_errors = [m for item, m in result.errors if item.from_cli]
     if cli_errors:
         raise UsageError(cli_errors[0])
@@ -270,18 +287,30 @@ def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path
 
 @app.command()
 def check(
-    model_path: Path = typer.Option(DEFAULT_MODEL, "--model-path", help="Checkpoint folder to verify."),
+    model_path: Optional[Path] = typer.Option(None, "--model-path", help=f"Checkpoint folder to verify, or org/name of a model in the Hugging Face cache. [default: {DEFAULT_MODEL}, then the cache]"),
+    transformer: Optional[Path] = typer.Option(None, "--transformer", help="Check this single transformer file instead of the folder's.", rich_help_panel="Model files"),
+    text_encoder: Optional[Path] = typer.Option(None, "--text-encoder", help="Check this single text encoder file instead of the folder's.", rich_help_panel="Model files"),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="Check this single VAE file instead of the folder's.", rich_help_panel="Model files"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Check this tokenizer folder instead of the folder's.", rich_help_panel="Model files"),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Verify a checkpoint folder: layout, configs, index entries, safetensors headers and tensor shapes."""
+    """Verify a checkpoint folder or single files: layout, configs, index entries, safetensors headers, tensor names and shapes."""
     from dataclasses import asdict
 
-    from .check import check_model
+    from .check import check_sources
+    from .hub import resolve_model_path
+    from .modelfiles import sources
 
-    reports = check_model(model_path)
+    try:
+        folder, label = resolve_model_path(None if model_path is None else str(model_path), DEFAULT_MODEL)
+        files = sources(folder, model_path is not None, transformer, text_encoder, vae, tokenizer)
+    except (UsageError, MissingFileError) as e:
+        err(f"error: {e}")
+        raise typer.Exit(EXIT_USAGE)
+    reports = check_sources(files)
     ok = all(r.ok for r in reports)
     if json_out:
-        typer.echo(json.dumps({"ok": ok, "model_path": str(model_path), "components": [asdict(r) for r in reports]}))
+        typer.echo(json.dumps({"ok": ok, "model_path": str(files.folder or label), "components": [asdict(r) for r in reports]}))
     else:
         for r in reports:
             typer.echo(r.line())

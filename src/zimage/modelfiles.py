@@ -4,7 +4,7 @@ for whatever no folder provides."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from .scheduler import SchedulerConfig
 from .transformer import TransformerConfig
 from .vae import VAEConfig
 from .weights import (CONFIG_NAMES, WEIGHT_STEMS, MissingFileError, Piece, TensorInfo, WeightsError,
-                      checkpoint_header, read_config, read_header, require_tokenizer)
+                      checkpoint_header, match_pieces, read_config, read_header, require_tokenizer)
 
 FILE_COMPONENTS = ("transformer", "text_encoder", "vae")
 
@@ -117,6 +117,16 @@ def with_shapes(component: str, base: Any, shapes: dict[str, tuple[int, ...]], p
                            f"give --model-path with the {component}/config.json that fits it") from None
 
 
+def weights_header(files: ModelFiles, name: str) -> dict[str, tuple[Path, TensorInfo]]:
+    """Every tensor of a component's weights, from its single file or its folder, without configs or mapping."""
+    path = files.file(name)
+    if path is not None:
+        return file_header(path)
+    if files.folder is None:
+        raise UsageError(f"no {name.replace('_', ' ')}: give --model-path FOLDER or {singlefile.FLAGS[name]} FILE")
+    return checkpoint_header(files.folder / name, WEIGHT_STEMS[name])
+
+
 def component(files: ModelFiles, name: str) -> Component:
     """The config, tensors and key mapping of the transformer, text_encoder or vae, from its single file when one
     is given (keys mapped from any layout it is in, sizes read from its shapes) or from the folder."""
@@ -153,3 +163,61 @@ def require_sources(files: ModelFiles) -> None:
                 raise MissingFileError(f"{where} for the {name.replace('_', ' ')} (or give {singlefile.FLAGS[name]}"
                                        " FILE)")
             checkpoint_header(files.folder / name, WEIGHT_STEMS[name])
+
+
+def tokenizer_folder(given: Path) -> Path:
+    """`--tokenizer`: a folder, or `org/name` of a model in the Hugging Face cache (its `tokenizer/`, else its root)."""
+    from .hub import cached_snapshot, looks_like_repo_id
+
+    if given.is_dir() or not looks_like_repo_id(str(given)):
+        if not given.is_dir():
+            raise UsageError(f"--tokenizer: no such folder {given}")
+        return given
+    snapshot = cached_snapshot(str(given))
+    if snapshot is None:
+        raise UsageError(f"--tokenizer: {given} is not a folder here, nor a model in the Hugging Face cache")
+    return snapshot / "tokenizer" if (snapshot / "tokenizer").is_dir() else snapshot
+
+
+def sources(folder: Path, explicit: bool, transformer: Path | None = None, text_encoder: Path | None = None,
+            vae: Path | None = None, tokenizer: Path | None = None) -> ModelFiles:
+    """The ModelFiles of a run: `folder` alone when no file is named; else the named files over `folder`, which
+    is dropped when it was not `explicit`ly given and does not exist (the published configs stand in)."""
+    tok = tokenizer_folder(tokenizer) if tokenizer is not None else None
+    named = ModelFiles(None, transformer, text_encoder, vae, tok)
+    if not named.single_files and tok is None:
+        return ModelFiles(folder)
+    if folder.is_dir():
+        return replace(named, folder=folder)
+    if explicit:
+        raise MissingFileError(f"model folder {folder} not found")
+    return named
+
+
+def expected(name: str, config: Any) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes of a component built from `config` on the meta device (no memory, no data)."""
+    import torch
+
+    from .transformer import ZImageTransformer
+    from .vae import AutoencoderKL
+    from .weights import expected_shapes
+
+    with torch.device("meta"):
+        if name == "transformer":
+            return expected_shapes(ZImageTransformer(config))
+        if name == "vae":
+            return expected_shapes(AutoencoderKL(config))
+        from transformers import Qwen3Model
+
+        return expected_shapes(Qwen3Model(config))
+
+
+def checked(files: ModelFiles, name: str) -> Component:
+    """`component`, with every tensor's name and shape checked against the model its config describes."""
+    comp = component(files, name)
+    try:
+        shapes = expected(name, comp.config)
+    except Exception as e:  # a config whose values cannot build the model
+        raise WeightsError(f"{comp.configured_by}: {' '.join(str(e).split())}") from None
+    match_pieces(comp.header, shapes, comp.pieces, comp.configured_by, comp.where)
+    return comp
