@@ -111,7 +111,11 @@ def with_shapes(component: str, base: Any, shapes: dict[str, tuple[int, ...]], p
         from transformers import Qwen3Config
 
         values = {k: v for k, v in base.to_dict().items() if k not in ("layer_types", "max_window_layers")}
-        return Qwen3Config(**{**values, **singlefile.infer_text_encoder(shapes)})
+        values.update(singlefile.infer_text_encoder(shapes))
+        for special in ("bos_token_id", "eos_token_id", "pad_token_id"):  # unused here; must fit a smaller vocabulary
+            if isinstance(values.get(special), int) and values[special] >= values["vocab_size"]:
+                values[special] = None
+        return Qwen3Config(**values)
     except (ValueError, TypeError) as e:
         raise WeightsError(f"{path}: its shapes do not fit the rest of the config ({' '.join(str(e).split())}); "
                            f"give --model-path with the {component}/config.json that fits it") from None

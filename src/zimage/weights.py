@@ -14,7 +14,8 @@ from torch import nn
 
 T = TypeVar("T")
 
-DOWNLOAD_HINT = "huggingface-cli download Tongyi-MAI/Z-Image-Turbo --local-dir weights/Z-Image-Turbo"
+# huggingface_hub 1.0 replaced the huggingface-cli command with hf
+DOWNLOAD_HINT = "hf download Tongyi-MAI/Z-Image-Turbo --local-dir weights/Z-Image-Turbo"
 
 # component folder -> safetensors file stem, as published
 WEIGHT_STEMS = {"transformer": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
