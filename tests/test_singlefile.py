@@ -116,7 +116,8 @@ TEXT_ENCODER_LAYOUTS = {
 
 def vae_layouts(levels: int) -> dict:
     return {"bfl": lambda s: to_bfl_vae(s, levels), "diffusers in one file": lambda s: dict(s),
-            "bfl, first_stage_model.": lambda s: {f"first_stage_model.{k}": v for k, v in to_bfl_vae(s, levels).items()}}
+            "bfl, first_stage_model.": lambda s: {f"first_stage_model.{k}": v
+                                                  for k, v in to_bfl_vae(s, levels).items()}}
 
 
 def single_files(model: Path, out: Path, transformer="original, model.diffusion_model.", text_encoder="model.",
@@ -270,7 +271,8 @@ def test_check_reports_each_single_file(checkpoints, tmp_path):
     model = checkpoints["single"]
     files = single_files(model, tmp_path / "files")
     result = CliRunner().invoke(app, ["check", "--model-path", str(model), "--transformer", str(files["transformer"]),
-                                      "--text-encoder", str(files["text_encoder"]), "--vae", str(files["vae"]), "--json"])
+                                      "--text-encoder", str(files["text_encoder"]), "--vae", str(files["vae"]),
+                                      "--json"])
     assert result.exit_code == 0, result.output
     report = {c["name"]: c for c in json.loads(result.stdout)["components"]}
     for name in ("transformer", "text_encoder", "vae"):

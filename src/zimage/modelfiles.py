@@ -43,11 +43,14 @@ class ModelFiles:
         return any(self.file(c) for c in FILE_COMPONENTS)
 
     def config_path(self, component: str) -> Path | None:
-        """The folder's config of `component` when the folder has it; None means the published config."""
+        """The folder's config of `component`. None means the published config: there is no folder, or the folder
+        lacks it and the component is a single file or the scheduler. A folder component's config stays required."""
         if self.folder is None:
             return None
         path = self.folder / component / CONFIG_NAMES[component]
-        return path if path.is_file() or not self.file(component) and component != "scheduler" else None
+        if path.is_file():
+            return path
+        return None if self.file(component) or component == "scheduler" else path
 
     def tokenizer_dir(self) -> Path:
         """The tokenizer folder: `tokenizer`, else the folder's `tokenizer/`; a UsageError says what to give."""

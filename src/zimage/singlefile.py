@@ -194,7 +194,8 @@ def infer_vae(shapes: dict[str, tuple[int, ...]], base: VAEConfig) -> VAEConfig:
         given["block_out_channels"] = tuple(channels)
     if n := count(shapes, "encoder.down_blocks.0.resnets."):
         given["layers_per_block"] = n
-    for key, field, dim in (("encoder.conv_in.weight", "in_channels", 1), ("decoder.conv_out.weight", "out_channels", 0),
+    for key, field, dim in (("encoder.conv_in.weight", "in_channels", 1),
+                            ("decoder.conv_out.weight", "out_channels", 0),
                             ("decoder.conv_in.weight", "latent_channels", 1)):
         if (w := shapes.get(key)) is not None and len(w) > dim:
             given[field] = w[dim]
