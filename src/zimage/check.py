@@ -12,7 +12,7 @@ from .modelfiles import ModelFiles, checked, scheduler_config
 from .scheduler import SchedulerConfig
 from .transformer import TransformerConfig, ZImageTransformer
 from .vae import AutoencoderKL, VAEConfig
-from .weights import (CONFIG_NAMES, DOWNLOAD_HINT, TOKENIZER_FILES, WEIGHT_STEMS, MissingFileError, WeightsError,
+from .weights import (CONFIG_NAMES, DOWNLOAD_HINT, WEIGHT_STEMS, MissingFileError, WeightsError,
                       checkpoint_header, expected_shapes, human_bytes, match_keys, read_config, read_json,
                       require_tokenizer, weight_files)
 
