@@ -132,3 +132,11 @@ def test_the_cache_location_follows_the_environment(tiny, tmp_path, variable):
                             cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert out.is_file()
+
+
+def test_check_with_an_uncached_repo_id_is_one_line(cache):
+    result = CliRunner().invoke(app, ["check", "--model-path", "someone/missing-model"])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"error: someone/missing-model is not a folder here, nor a model in the Hugging Face cache ({cache}); "
+        "download it with: hf download someone/missing-model"]
