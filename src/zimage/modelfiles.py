@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from . import published, singlefile
-from .jobs import UsageError
+from .errors import UsageError
 from .scheduler import SchedulerConfig
 from .transformer import TransformerConfig
 from .vae import VAEConfig
