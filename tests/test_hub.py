@@ -81,7 +81,8 @@ def test_model_path_repo_id_uses_the_cached_snapshot(tiny, cache, tmp_path):
     result = generate("--model-path", "someone/z-image-copy", "-o", str(tmp_path / "cached.png"))
     assert result.exit_code == 0, result.output
     assert np.array_equal(pixels(tmp_path / "folder.png"), pixels(tmp_path / "cached.png"))
-    assert read_settings(tmp_path / "cached.png")["model_path"] == "someone/z-image-copy"  # portable metadata
+    snapshot = cache / "models--someone--z-image-copy" / "snapshots" / COMMIT
+    assert read_settings(tmp_path / "cached.png")["model_path"] == str(snapshot)  # what --from-png re-runs
 
 
 def test_default_model_path_falls_back_to_the_cache(checkpoints, cache, tmp_path):

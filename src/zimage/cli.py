@@ -333,7 +333,7 @@ def check(
         raise typer.Exit(EXIT_USAGE)
     named = model_path or folder_given
     try:
-        model_path, _ = resolve_model_path(None if named is None else str(named.expanduser()), DEFAULT_MODEL)
+        model_path = resolve_model_path(None if named is None else str(named.expanduser()), DEFAULT_MODEL)
         files = sources(model_path, named is not None, transformer, text_encoder, vae, tokenizer)
     except (UsageError, MissingFileError) as e:
         err(f"error: {e}")

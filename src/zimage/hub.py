@@ -43,22 +43,20 @@ def cached_snapshot(repo_id: str) -> Path | None:
         return None
 
 
-def resolve_model_path(given: str | None, default: Path) -> tuple[Path, str]:
-    """The checkpoint folder for `--model-path` and the name to record for it (a repo id stays a repo id, so that
-    PNG metadata works on other machines).
+def resolve_model_path(given: str | None, default: Path) -> Path:
+    """The checkpoint folder for `--model-path`.
 
-    A folder that exists wins; `org/name` is looked up in the Hugging Face cache and is an error with the download
+    A path that exists wins; `org/name` is looked up in the Hugging Face cache and is an error with the download
     command when absent; without `given`, `default` is tried, then the published model in the cache, and `default`
     is returned (for the usual missing-folder message) when neither is there."""
     if given is None:
         if default.is_dir():
-            return default, str(default)
-        snapshot = cached_snapshot(REPO_ID)
-        return (snapshot, REPO_ID) if snapshot is not None else (default, str(default))
+            return default
+        return cached_snapshot(REPO_ID) or default
     if Path(given).exists() or not looks_like_repo_id(given):
-        return Path(given), given
+        return Path(given)
     snapshot = cached_snapshot(given)
     if snapshot is None:
         raise UsageError(f"{given} is not a folder here, nor a model in the Hugging Face cache ({cache_dir()}); "
                          f"download it with: {download_command(given)}")
-    return snapshot, given
+    return snapshot

@@ -82,7 +82,7 @@ def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path
 
     from .hub import resolve_model_path  # an org/name is looked up in the local Hugging Face cache only
 
-    model, _ = resolve_model_path(None if named is None else str(named.expanduser()), DEFAULT_MODEL)
+    model = resolve_model_path(None if named is None else str(named.expanduser()), DEFAULT_MODEL)
     if files and any(v is not None for v in files.values()):
         tcfg, vcfg, sources = check_single_files(model, named is not None, files)
     else:
