@@ -166,9 +166,8 @@ def generate(
                                     "stdout but --json records."),
     debug: bool = typer.Option(False, "--debug", rich_help_panel=OUTPUT, help="Show full tracebacks."),
     model_path: Path = typer.Option(DEFAULT_MODEL, "--model-path", metavar="DIR", rich_help_panel=MODEL_FILES,
-                                    show_default=f"{DEFAULT_MODEL}, then {REPO_ID} in the Hugging Face cache",
                                     help="Checkpoint folder in the published layout, or org/name of a model in the "
-                                         "Hugging Face cache."),
+                                         f"Hugging Face cache (by default, {REPO_ID} there when the folder is absent)."),
     transformer: Optional[Path] = typer.Option(None, "--transformer", metavar="FILE", rich_help_panel=MODEL_FILES,
                                                help="Transformer from one safetensors file (original/ComfyUI or "
                                                     "diffusers names)."),
