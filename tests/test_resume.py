@@ -50,8 +50,10 @@ def loads(monkeypatch) -> list[str]:
         calls.append(str(folder))
         raise AssertionError(f"weights were loaded from {folder}")
 
-    for mod in (zimage.weights, zimage.pipeline, zimage.text_encoder):
-        monkeypatch.setattr(mod, "load_weights", refuse)
+    for mod in (zimage.weights, zimage.pipeline, zimage.text_encoder):  # every way weights are read
+        for name in ("load_weights", "load_pieces"):
+            if hasattr(mod, name):
+                monkeypatch.setattr(mod, name, refuse)
     return calls
 
 
