@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
+from .layout import missing_hint
 from .scheduler import SchedulerConfig
 from .transformer import TransformerConfig, ZImageTransformer
 from .vae import AutoencoderKL, VAEConfig
-from .layout import missing_hint
 from .weights import (CONFIG_NAMES, TOKENIZER_FILES, WEIGHT_STEMS, MissingFileError, WeightsError,
                       checkpoint_header, expected_shapes, human_bytes, match_keys, read_config, read_json,
                       weight_files)
