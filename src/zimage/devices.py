@@ -13,9 +13,10 @@ import sys
 import psutil
 import torch
 
-from .jobs import UsageError
-from .transformer import TransformerConfig
-from .weights import WEIGHT_STEMS, checkpoint_header, human_bytes
+from .errors import UsageError
+from .modelfiles import ModelFiles, component, weights_header
+from .singlefile import strip_prefix
+from .weights import TensorInfo, human_bytes
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16}
@@ -107,14 +108,13 @@ class Needs:
         return max(self.text_encoder, self.transformer + self.vae)
 
 
-def weight_bytes(folder: Path, stem: str, dtype: torch.dtype) -> tuple[int, int]:
+def weight_bytes(header: dict[str, tuple[Path, TensorInfo]], dtype: torch.dtype) -> tuple[int, int]:
     """(bytes of all tensors in `dtype`, bytes of the largest transformer-block group) from the file headers."""
     size = torch.tensor([], dtype=dtype).element_size()
-    header = checkpoint_header(folder, stem)
     total = sum(info.numel for _, info in header.values()) * size
     per_block: dict[str, int] = {}
     for name, (_, info) in header.items():
-        parts = name.removeprefix("model.").split(".")
+        parts = strip_prefix(name, ("model.diffusion_model.", "diffusion_model.", "model.")).split(".")
         if len(parts) > 2 and parts[0] in ("layers", "noise_refiner", "context_refiner"):
             key = ".".join(parts[:2])
             per_block[key] = per_block.get(key, 0) + info.numel * size
@@ -133,12 +133,14 @@ def decode_work(batch: int, width: int, height: int, tile: int | None, scale: in
     return batch * 128 * side_h * side_w * 4 * 6 + blend + mid
 
 
-def estimate(model_path: Path, dtype: torch.dtype, width: int, height: int, batch: int, cfg_on: bool,
+def estimate(source: ModelFiles | Path, dtype: torch.dtype, width: int, height: int, batch: int, cfg_on: bool,
              vae_tile: int | None = None) -> Needs:
-    te, _ = weight_bytes(model_path / "text_encoder", WEIGHT_STEMS["text_encoder"], dtype)
-    tr, block = weight_bytes(model_path / "transformer", WEIGHT_STEMS["transformer"], dtype)
-    vae, _ = weight_bytes(model_path / "vae", WEIGHT_STEMS["vae"], torch.float32)
-    tcfg = TransformerConfig.from_json(model_path / "transformer" / "config.json")
+    """What a run needs, from the file headers and the transformer config of a folder or a run's ModelFiles."""
+    files = ModelFiles.of(source)
+    te, _ = weight_bytes(weights_header(files, "text_encoder"), dtype)
+    tr, block = weight_bytes(weights_header(files, "transformer"), dtype)
+    vae, _ = weight_bytes(weights_header(files, "vae"), torch.float32)
+    tcfg = component(files, "transformer").config
     rows = batch * (2 if cfg_on else 1)
     tokens = (height // 16) * (width // 16) + 512
     elem = torch.tensor([], dtype=dtype).element_size()
