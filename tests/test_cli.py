@@ -21,6 +21,7 @@ import typer
 from typer.testing import CliRunner
 
 from zimage.cli import app
+from zimage.layout import DOWNLOAD_HINT
 from zimage.images import read_settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -153,10 +154,10 @@ def test_from_png_finds_a_relative_model_path_from_another_folder(tiny, tmp_path
 def test_download_hint_only_for_the_default_model_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     default = one_error_line(generate("-p", "a cat", "--seed", "1"), 2, "weights/Z-Image-Turbo not found",
-                             "huggingface-cli download")
+                             DOWNLOAD_HINT)
     assert "not found" in default
     custom = one_error_line(generate("-p", "a cat", "--model-path", "mine", "--seed", "1"), 2, "mine not found")
-    assert "huggingface-cli" not in custom
+    assert "download" not in custom
     (tmp_path / "model.safetensors").write_bytes(b"")
     one_error_line(generate("-p", "a cat", "--model-path", "model.safetensors", "--seed", "1"), 2,
                    "model.safetensors is a file, not a folder")
