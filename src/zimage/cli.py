@@ -13,7 +13,7 @@ from typing import Iterator, List, Optional
 
 import typer
 
-from .clihelp import Command, Group
+from .clihelp import EXIT_INTERRUPTED, Command, Group
 from .errors import MissingFileError, NonFiniteImage, NonFiniteLatents, OutOfMemory, UsageError, WeightsError
 from .jobs import Job, Settings
 from .layout import DEFAULT_MODEL
@@ -28,7 +28,7 @@ app = typer.Typer(cls=Group, add_completion=False, no_args_is_help=True, pretty_
 log = logging.getLogger("zimage")
 
 DEFAULT_OUTPUT = "z_image_output.png"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 VAE_TILE = 64  # latent pixels (512 px) per tile with --vae-tiling
 PROMPTS, IMAGE, SAMPLING, OUTPUT = "Prompts", "Image", "Sampling", "Output"
 MODEL_FILES, DEVICE, BATCH = "Model files", "Device and memory", "Batch"
@@ -238,9 +238,8 @@ def runtime_options(model, jobs: list[Job], batch_size: int, cpu: bool, device: 
         raise UsageError(f"--cpu and --device {device} conflict; give one of them")
     dev = pick_device(device, cpu)
     if offload in ("model", "sequential") and dev.type != "cuda":
-        log.warning("warning: --offload %s does nothing on %s (the weights already live in the memory it computes "
-                    "from); running without offload", offload, dev.type)
-        offload = "none"
+        log.warning("warning: --offload %s saves no memory on %s: the weights already live in the memory it computes "
+                    "from, so offloading only adds copies (same image, slower)", offload, dev.type)
     dt = pick_dtype(dtype, dev, force)
     vae_dt = None if vae_dtype in (None, "auto") else pick_dtype(vae_dtype, dev, force)
     if not jobs:
