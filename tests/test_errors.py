@@ -767,11 +767,12 @@ def run_zimage(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def test_sigint_keeps_finished_images_and_says_what_was_written(tiny, tmp_path, out):
     n = 300  # far more than can finish between the first image and the signal, even on a fast machine
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("".join(f"prompt number {i}\n" for i in range(n)))
+    # 10 prompts x 30 images: prompts are encoded one at a time before the first image, so not 300 of them
+    prompts.write_text("".join(f"prompt number {i}\n" for i in range(10)))
     stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
     with open(stdout, "w") as so, open(stderr, "w") as se:
         proc = subprocess.Popen([str(ZIMAGE), "generate", "--model-path", str(tiny), "--prompts-file", str(prompts),
-                                 "--batch-size", "1", "--width", "64", "--height", "64", "--num-steps", "4",
+                                 "--num-images", str(n // 10), "--batch-size", "1", "--width", "64", "--height", "64", "--num-steps", "4",
                                  "--seed", "1", "-q", "-o", str(out / "img.png")], stdout=so, stderr=se)
         try:
             deadline = time.monotonic() + 120

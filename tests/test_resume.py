@@ -101,6 +101,14 @@ def test_finished_run_is_skipped_without_loading_a_model(tiny, out, tmp_path, lo
     assert files(out) == before
 
 
+def test_the_same_checkpoint_spelled_otherwise_is_the_same_setting(tiny, out, loads, monkeypatch):
+    monkeypatch.chdir(tiny.parent)  # the run being resumed named it by its absolute path
+    result = CliRunner().invoke(app, ["generate", "--model-path", tiny.name, *SMALL, "-p", PROMPTS[0], "-p", PROMPTS[1],
+                                      "--skip-existing", "-o", str(out / "{index}.png")])
+    assert result.exit_code == 0, result.stderr
+    assert "0 image(s) written, 2 skipped" in result.stderr and loads == []
+
+
 @pytest.mark.parametrize("source", SOURCES)
 def test_image_made_with_other_settings_is_a_usage_error_naming_it(tiny, out, tmp_path, loads, source):
     args, stdin = source_args(source, tmp_path)

@@ -12,7 +12,7 @@ from .errors import UsageError
 from .jobs import Job
 
 # metadata that says how or where a run went, not what image it makes
-RUN_SPECIFIC = frozenset({"model_path", "seconds", "version"})
+RUN_SPECIFIC = frozenset({"model_path", "model_path_given", "seconds", "version"})
 
 
 def comparable(meta: dict) -> dict:
