@@ -59,3 +59,149 @@ def test_float_types_and_target_dtype():
 
 def test_every_advertised_type_is_covered():
     assert set(BLOCK_DEQUANT) == set(SCALE_FIELDS)
+
+
+# ------------------------------------------------------------------------------------ GGUF transformer files
+
+import itertools  # noqa: E402
+import shutil  # noqa: E402
+
+from gguf import GGUFWriter  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from zimage.cli import app  # noqa: E402
+from zimage.gguf import transformer_keys  # noqa: E402
+from zimage.tiny import TinySpec, make_tiny  # noqa: E402
+from zimage.weights import WEIGHT_STEMS, save_weights  # noqa: E402
+
+# dims that are multiples of 32 (legacy blocks) and FFN/timestep inputs of 256 and 1024 (K-quant blocks)
+SPEC96 = TinySpec(dim=96, n_layers=2, n_refiner_layers=1, n_heads=3, axes_dims=(8, 8, 16), te_hidden=64,
+                  te_layers=2, te_heads=4, te_kv_heads=1, te_intermediate=256, seed=3)
+TRANSFORMER_FILE = f"transformer/{WEIGHT_STEMS['transformer']}.safetensors"
+K_TYPES = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+LEGACY = (Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.Q4_1, Q.Q5_1)
+SMALL = ["--width", "64", "--height", "64", "--num-steps", "2", "--seed", "5", "-q", "-p", "a cat"]
+
+
+def original_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our transformer keys -> the original/ComfyUI ones, with to_q/k/v fused into attention.qkv."""
+    out = {}
+    for key, t in state.items():
+        if ".attention.to_k." in key or ".attention.to_v." in key:
+            continue
+        name = key
+        for ours, theirs in (("all_final_layer.2-1.", "final_layer."), ("all_x_embedder.2-1.", "x_embedder."),
+                             (".attention.to_out.0.", ".attention.out."), (".norm_k.", ".k_norm."),
+                             (".norm_q.", ".q_norm.")):
+            name = name.replace(ours, theirs)
+        if ".attention.to_q." in key:
+            parts = [state[key.replace("to_q", p)] for p in ("to_q", "to_k", "to_v")]
+            out[name.replace(".to_q.", ".qkv.")] = torch.cat(parts)
+        else:
+            out[name] = t
+    return out
+
+
+def k_blocks(weights: np.ndarray, qtype: Q, seed: int) -> np.ndarray:
+    """Random `qtype` blocks (gguf-py cannot quantize K types) scaled to the RMS of `weights`: dequantization is
+    linear in the block scales, so scaling them scales the values."""
+    raw = random_blocks(qtype, weights.shape[0], weights.shape[1] // GGML_QUANT_SIZES[qtype][0], seed)
+    rows = raw.reshape(-1, GGML_QUANT_SIZES[qtype][1])
+    factor = np.sqrt((weights**2).mean() / (quants.dequantize(raw, qtype) ** 2).mean())
+    for off in SCALE_FIELDS[qtype]:
+        scale = rows[:, off : off + 2].copy().view(np.float16).astype(np.float32) * factor
+        rows[:, off : off + 2] = scale.astype(np.float16).view(np.uint8)
+    return rows.reshape(raw.shape)
+
+
+def mixed_types():
+    """A type picker: K types in turn where the input width allows, legacy types elsewhere, float types for the
+    rest, as published files mix them."""
+    turns = {K_TYPES: itertools.count(), LEGACY: itertools.count(), (Q.F32, Q.F16, Q.BF16): itertools.count()}
+
+    def pick(name: str, t: torch.Tensor, i: int) -> Q:
+        if t.ndim == 2 and t.shape[1] % 256 == 0 and name.endswith("weight"):
+            kinds = K_TYPES
+        elif t.ndim == 2 and t.shape[1] % 32 == 0 and t.shape[0] > 1 and name.endswith("weight"):
+            kinds = LEGACY
+        else:
+            kinds = (Q.F32, Q.F16, Q.BF16)
+        return kinds[next(turns[kinds]) % len(kinds)]
+
+    return pick
+
+
+def diffusers_types(name: str, t: torch.Tensor, i: int) -> Q:
+    """The types the reference test uses: Q8_0, Q4_0, Q5_0 and F16 (F32 for vectors)."""
+    if t.ndim == 2 and t.shape[1] % 32 == 0 and t.shape[0] > 1:
+        return (Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.F16)[i % 4]
+    return Q.F32
+
+
+def write_gguf(state: dict[str, torch.Tensor], path: Path, pick, arch: str = "lumina2") -> dict[str, torch.Tensor]:
+    """Write our-keyed float tensors as an original-keyed GGUF with the types `pick` chooses; returns the
+    dequantized values (gguf-py's numpy dequantization) under our keys."""
+    writer = GGUFWriter(str(path), arch)
+    ref = {}
+    for i, (name, t) in enumerate(original_names(state).items()):
+        qtype = pick(name, t, i)
+        arr = t.float().numpy()
+        if qtype == Q.F32:
+            raw = arr
+            writer.add_tensor(name, raw)
+        elif qtype == Q.F16:
+            raw = arr.astype(np.float16)
+            writer.add_tensor(name, raw)
+        else:
+            raw = k_blocks(arr, qtype, i) if qtype in K_TYPES else quants.quantize(arr, qtype)
+            writer.add_tensor(name, raw, raw_dtype=qtype)
+        ref[name] = torch.from_numpy(quants.dequantize(raw, qtype).copy()).reshape(t.shape)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dict(transformer_keys(ref))
+
+
+@pytest.fixture(scope="module")
+def base96(tmp_path_factory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("gguf") / "base", SPEC96)
+
+
+def gguf_model(base: Path, root: Path, pick, name: str = "model.gguf") -> tuple[Path, Path]:
+    """A copy of `base` with a GGUF transformer, and one with the same weights dequantized to float32."""
+    quantized, dequantized = root / "quantized", root / "dequantized"
+    shutil.copytree(base, quantized)
+    shutil.copytree(base, dequantized)
+    (quantized / TRANSFORMER_FILE).unlink()
+    ref = write_gguf(load_file(base / TRANSFORMER_FILE), quantized / "transformer" / name, pick)
+    save_weights(ref, dequantized / "transformer", WEIGHT_STEMS["transformer"])
+    return quantized, dequantized
+
+
+def image(model: Path, out: Path, *args: str) -> np.ndarray:
+    result = CliRunner().invoke(app, ["generate", "--model-path", str(model), "-o", str(out), *SMALL, *args])
+    assert result.exit_code == 0, result.output
+    return np.asarray(Image.open(out), dtype=np.int16)
+
+
+def test_mixed_type_gguf_image_matches_dequantized_weights(base96, tmp_path):
+    quantized, dequantized = gguf_model(base96, tmp_path, mixed_types())
+    ours = image(quantized, tmp_path / "q.png")
+    ref = image(dequantized, tmp_path / "d.png")
+    assert np.abs(ours - ref).max() <= 1
+    assert np.abs(ours - image(base96, tmp_path / "b.png")).max() > 0  # the quantization reached the image
+
+
+def test_gguf_linears_stay_quantized(base96, tmp_path):
+    from zimage.pipeline import load_transformer
+    from zimage.quant import QuantLinear
+
+    quantized, _ = gguf_model(base96, tmp_path, mixed_types())
+    model = load_transformer(quantized, torch.device("cpu"), torch.float32)
+    fmts = {m.fmt for m in model.modules() if isinstance(m, QuantLinear)}
+    assert set(K_TYPES) | set(LEGACY) <= {Q[f] for f in fmts}
+    assert model.layers[0].attention.to_q.weight.dtype == torch.uint8
+    assert "layers.0.attention.to_q.weight" in model.state_dict()  # names stay the checkpoint's keys

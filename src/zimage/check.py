@@ -11,7 +11,7 @@ from .scheduler import SchedulerConfig
 from .transformer import TransformerConfig, ZImageTransformer
 from .vae import AutoencoderKL, VAEConfig
 from .weights import (CONFIG_NAMES, DOWNLOAD_HINT, TOKENIZER_FILES, WEIGHT_STEMS, MissingFileError, WeightsError,
-                      checkpoint_header, expected_shapes, human_bytes, match_keys, read_config, read_json,
+                      checkpoint_header, expected_shapes, find_gguf, human_bytes, match_keys, read_config, read_json,
                       weight_files)
 
 COMPONENTS = ("scheduler", "tokenizer", "text_encoder", "transformer", "vae")
@@ -31,7 +31,7 @@ def require_layout(model_path: Path) -> None:
             read_json(folder / CONFIG_NAMES[name])
         if name == "tokenizer":
             require_tokenizer(folder)
-        if name in WEIGHT_STEMS:
+        if name in WEIGHT_STEMS and find_gguf(folder, WEIGHT_STEMS[name]) is None:
             weight_files(folder, WEIGHT_STEMS[name])
 
 

@@ -15,7 +15,7 @@ import torch
 
 from .jobs import UsageError
 from .transformer import TransformerConfig
-from .weights import WEIGHT_STEMS, checkpoint_header, human_bytes
+from .weights import WEIGHT_STEMS, checkpoint_header, find_gguf, human_bytes
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16}
@@ -97,23 +97,30 @@ class Needs:
                    self.vae + self.decode_work)
 
 
-def weight_bytes(folder: Path, stem: str, dtype: torch.dtype) -> tuple[int, int]:
-    """(bytes of all tensors in `dtype`, bytes of the largest transformer-block group) from the file headers."""
+def weight_bytes(folder: Path, stem: str, dtype: torch.dtype, quantize: str = "none") -> tuple[int, int]:
+    """(bytes of all tensors in `dtype`, bytes of the largest transformer-block group) from the file headers;
+    quantized weights (a GGUF file, or `quantize` int8/fp8 for the matrices) count as they are held."""
     size = torch.tensor([], dtype=dtype).element_size()
-    header = checkpoint_header(folder, stem)
-    total = sum(info.numel for _, info in header.values()) * size
+    if (gguf := find_gguf(folder, stem)) is not None:
+        from .gguf import held_bytes
+
+        sizes = held_bytes(gguf, size)
+    else:
+        sizes = {name: info.numel * (1 if quantize != "none" and len(info.shape) == 2 and info.shape[0] > 1 else size)
+                 for name, (_, info) in checkpoint_header(folder, stem).items()}
     per_block: dict[str, int] = {}
-    for name, (_, info) in header.items():
-        parts = name.removeprefix("model.").split(".")
+    for name, n in sizes.items():
+        parts = name.removeprefix("model.diffusion_model.").removeprefix("model.").split(".")
         if len(parts) > 2 and parts[0] in ("layers", "noise_refiner", "context_refiner"):
             key = ".".join(parts[:2])
-            per_block[key] = per_block.get(key, 0) + info.numel * size
-    return total, max(per_block.values(), default=0)
+            per_block[key] = per_block.get(key, 0) + n
+    return sum(sizes.values()), max(per_block.values(), default=0)
 
 
-def estimate(model_path: Path, dtype: torch.dtype, width: int, height: int, batch: int, cfg_on: bool) -> Needs:
-    te, _ = weight_bytes(model_path / "text_encoder", WEIGHT_STEMS["text_encoder"], dtype)
-    tr, block = weight_bytes(model_path / "transformer", WEIGHT_STEMS["transformer"], dtype)
+def estimate(model_path: Path, dtype: torch.dtype, width: int, height: int, batch: int, cfg_on: bool,
+             quantize: str = "none", quantize_text_encoder: str = "none") -> Needs:
+    te, _ = weight_bytes(model_path / "text_encoder", WEIGHT_STEMS["text_encoder"], dtype, quantize_text_encoder)
+    tr, block = weight_bytes(model_path / "transformer", WEIGHT_STEMS["transformer"], dtype, quantize)
     vae, _ = weight_bytes(model_path / "vae", WEIGHT_STEMS["vae"], torch.float32)
     tcfg = TransformerConfig.from_json(model_path / "transformer" / "config.json")
     rows = batch * (2 if cfg_on else 1)

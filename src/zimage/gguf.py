@@ -219,3 +219,34 @@ def read_gguf(path: Path, architectures: tuple[str, ...] | None = None) -> tuple
             data = data.view(torch.bfloat16).reshape(shape)
         out[t.name] = GGUFTensor(Q(t.tensor_type), shape, data)
     return arch, out
+
+
+# Original / ComfyUI transformer names -> ours (diffusers' convert_z_image_transformer_checkpoint_to_diffusers).
+# Used until singlefile.py (the single-file loader) provides the shared mapping.
+TRANSFORMER_RENAMES = (("final_layer.", "all_final_layer.2-1."), ("x_embedder.", "all_x_embedder.2-1."),
+                       (".attention.out.", ".attention.to_out.0."), (".attention.k_norm.", ".attention.norm_k."),
+                       (".attention.q_norm.", ".attention.norm_q."))
+
+
+def transformer_keys(tensors: dict[str, GGUFTensor]) -> dict[str, GGUFTensor]:
+    """Tensors under our transformer keys: prefix dropped, renamed, fused attention.qkv split into to_q/k/v."""
+    out: dict[str, GGUFTensor] = {}
+    for name, t in tensors.items():
+        key = name.removeprefix("model.diffusion_model.")
+        if key == "norm_final.weight":  # an unused leftover in some exports; diffusers drops it too
+            continue
+        for old, new in TRANSFORMER_RENAMES:
+            key = key.replace(old, new)
+        if key.endswith(".attention.qkv.weight"):
+            for part, piece in zip(("to_q", "to_k", "to_v"), t.chunk(3)):
+                out[key.replace(".qkv.", f".{part}.")] = piece
+        else:
+            out[key] = t
+    return out
+
+
+def held_bytes(path: Path, float_size: int) -> dict[str, int]:
+    """Bytes each tensor of a GGUF file takes once loaded: quantized ones as stored, float ones at `float_size`
+    bytes per value (reads only the header)."""
+    _, tensors = read_gguf(path)
+    return {name: t.nbytes if t.quantized else t.data.numel() * float_size for name, t in tensors.items()}

@@ -24,7 +24,7 @@ from .scheduler import Guidance, SchedulerConfig, denoise, get_noise, get_sigmas
 from .text_encoder import TextEncoder
 from .transformer import TransformerConfig, ZImageTransformer
 from .vae import AutoencoderKL, VAEConfig
-from .weights import WEIGHT_STEMS, load_weights
+from .weights import WEIGHT_STEMS, find_gguf, load_weights
 
 log = logging.getLogger("zimage")
 
@@ -64,6 +64,8 @@ class Options:
     vae_dtype: torch.dtype | None = None  # None: float32 when the VAE config asks to upcast, else `dtype`
     progress: bool = True
     overwrite: bool = False
+    quantize: str = "none"  # transformer weights: none, int8 or fp8 (quant.QUANTIZE)
+    quantize_text_encoder: str = "none"
 
 
 @dataclass
@@ -76,11 +78,23 @@ class Timings:
     decode: float = 0.0
 
 
-def load_transformer(model_path: Path, device: torch.device, dtype: torch.dtype) -> ZImageTransformer:
+def load_transformer(model_path: Path, device: torch.device, dtype: torch.dtype,
+                     quantize: str = "none") -> ZImageTransformer:
+    """The transformer from `transformer/`: its safetensors (quantized while loading unless `quantize` is none),
+    or the GGUF file that stands in for them (kept quantized as stored)."""
+    from .quant import describe, load_gguf_transformer, load_quantized
+
     folder = model_path / "transformer"
     with torch.device("meta"):
         model = ZImageTransformer(TransformerConfig.from_json(folder / "config.json"))
-    return load_weights(model, folder, WEIGHT_STEMS["transformer"], dtype, device)
+    if (path := find_gguf(folder, WEIGHT_STEMS["transformer"])) is not None:
+        model = load_gguf_transformer(model, path, dtype, device)
+    elif quantize != "none":
+        model = load_quantized(model, folder, WEIGHT_STEMS["transformer"], dtype, device, quantize)
+    else:
+        return load_weights(model, folder, WEIGHT_STEMS["transformer"], dtype, device)
+    log.info("transformer: %s", describe(model))
+    return model
 
 
 def load_vae(model_path: Path, device: torch.device, dtype: torch.dtype | None = None,
@@ -163,7 +177,8 @@ class Pipeline:
 
     def load_denoiser(self) -> None:
         t0 = time.perf_counter()
-        self.transformer = load_transformer(self.opts.model_path, self.storage_device, self.opts.dtype)
+        self.transformer = load_transformer(self.opts.model_path, self.storage_device, self.opts.dtype,
+                                            self.opts.quantize)
         if self.opts.offload == "sequential":
             t = self.transformer
             self.streamer = BlockStreamer(t, [*t.noise_refiner, *t.context_refiner, *t.layers], self.compute_device)

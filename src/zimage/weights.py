@@ -117,6 +117,17 @@ def weight_files(folder: Path, stem: str) -> dict[str, Path]:
     raise MissingFileError(f"missing {single} (or {index.name} with its shards) in {folder}")
 
 
+def find_gguf(folder: Path, stem: str) -> Path | None:
+    """The GGUF file standing in for a component's safetensors (`{stem}.safetensors` and its index absent), or None.
+    More than one is ambiguous and raises WeightsError."""
+    if (folder / f"{stem}.safetensors").is_file() or (folder / f"{stem}.safetensors.index.json").is_file():
+        return None
+    found = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
+    if len(found) > 1:
+        raise WeightsError(f"{folder} holds {len(found)} GGUF files ({', '.join(p.name for p in found)}); keep one")
+    return found[0] if found else None
+
+
 def checkpoint_header(folder: Path, stem: str) -> dict[str, tuple[Path, TensorInfo]]:
     """Every tensor of a component with its file, dtype and shape, checking that the index and the files agree."""
     files = weight_files(folder, stem)
@@ -181,6 +192,32 @@ def read_groups(header: dict[str, tuple[Path, TensorInfo]], mapping: dict[str, s
     return groups
 
 
+def read_weights(
+    module: nn.Module,
+    folder: Path,
+    stem: str,
+    convert: Callable[[str, torch.Tensor], object],
+    rename: Callable[[str], str | None] = lambda k: k,
+) -> dict[str, object]:
+    """Every tensor of a component folder matched to `module`'s keys and passed through `convert(key, tensor)`
+    as soon as it is read, so that only converted tensors (cast, quantized) are ever held together."""
+    header = checkpoint_header(folder, stem)
+    mapping = match_keys(header, expected_shapes(module), rename, folder)
+    state: dict[str, object] = {}
+    for path, keys in read_groups(header, mapping):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in keys:
+                    t = f.get_tensor(mapping[key])
+                    state[key] = convert(key, t)
+                    del t
+        except Exception as e:
+            if isinstance(e, (torch.OutOfMemoryError, KeyboardInterrupt, WeightsError)):
+                raise
+            raise WeightsError(f"{path} could not be read ({e}); download it again") from None
+    return state
+
+
 def load_weights(
     module: nn.Module,
     folder: Path,
@@ -194,20 +231,10 @@ def load_weights(
     Each tensor is read from the memory-mapped file and converted straight to `dtype` on `device`, so no
     full-precision copy of the model ever exists. `rename` maps checkpoint keys to module keys (None skips).
     """
-    header = checkpoint_header(folder, stem)
-    mapping = match_keys(header, expected_shapes(module), rename, folder)
-    state: dict[str, torch.Tensor] = {}
-    for path, keys in read_groups(header, mapping):
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in keys:
-                    t = f.get_tensor(mapping[key])
-                    state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-                    del t
-        except Exception as e:
-            if isinstance(e, (torch.OutOfMemoryError, KeyboardInterrupt)):
-                raise
-            raise WeightsError(f"{path} could not be read ({e}); download it again") from None
+    def convert(key: str, t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    state = read_weights(module, folder, stem, convert, rename)
     module.load_state_dict(state, strict=True, assign=True)
     return module.requires_grad_(False).eval()
 

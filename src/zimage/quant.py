@@ -1,0 +1,194 @@
+"""Quantized linear weights: held quantized in memory, turned into the compute dtype one layer at a time.
+
+A model is built as usual; at load, each `nn.Linear` whose weight arrives quantized (from a GGUF file, or quantized
+here tensor by tensor from a bfloat16/float32 checkpoint) is swapped for a `QuantLinear` under the same name, so
+parameter names stay the checkpoint's keys and the model code never learns about formats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from gguf import GGMLQuantizationType as Q
+from torch import Tensor, nn
+
+from .gguf import GGUFTensor, dequantize, read_gguf
+from .transformer import linear
+from .weights import WeightsError, expected_shapes, human_bytes, read_weights
+
+QUANTIZE = ("none", "int8", "fp8")
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+INT8_MAX = 127.0
+
+
+class QuantizeError(ValueError):
+    """A quantization that this device or file cannot do; the message says what to use instead."""
+
+
+@dataclass(frozen=True)
+class QWeight:
+    """A quantized (out, in) weight: `fmt` is int8 or fp8 (with one float32 `scale` per output row) or a ggml type
+    name (scales inside the blocks, `data` raw bytes)."""
+
+    fmt: str
+    shape: tuple[int, int]
+    data: Tensor
+    scale: Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        extra = self.scale.numel() * 4 if self.scale is not None else 0
+        return self.data.numel() * self.data.element_size() + extra
+
+
+class QuantLinear(nn.Module):
+    """A Linear whose weight stays quantized; each call makes the weight (or, for int8/fp8, the product) in the
+    input's dtype, so only one layer's full-precision weight exists at a time."""
+
+    def __init__(self, w: QWeight, bias: Tensor | None):
+        super().__init__()
+        self.fmt, self.out_features, self.in_features = w.fmt, *w.shape
+        self.qtype = None if w.fmt in ("int8", "fp8") else Q[w.fmt]
+        self.weight = nn.Parameter(w.data, requires_grad=False)
+        self.weight_scale = nn.Parameter(w.scale, requires_grad=False) if w.scale is not None else None
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.qtype is None:  # per-row scales commute with the product: scale the (smaller) output instead
+            y = linear(x, self.weight.to(x.dtype), None) * self.weight_scale.to(x.dtype)
+            return y if self.bias is None else y + self.bias
+        w = dequantize(self.weight, self.qtype, (self.out_features, self.in_features), x.dtype)
+        return linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+
+
+def quantize_int8(w: Tensor) -> QWeight:
+    """Symmetric int8 per output row: w ~ q * scale, |q| <= 127 (round to nearest)."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / INT8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.round(w / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return QWeight("int8", tuple(w.shape), q, scale)
+
+
+def quantize_fp8(w: Tensor) -> QWeight:
+    """float8 e4m3 per output row, each row scaled so that its largest magnitude maps to e4m3's maximum (448)."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return QWeight("fp8", tuple(w.shape), (w / scale[:, None]).to(FP8), scale)
+
+
+QUANTIZERS: dict[str, Callable[[Tensor], QWeight]] = {"int8": quantize_int8, "fp8": quantize_fp8}
+
+
+def fp8_problem(device: torch.device) -> str | None:
+    """Why fp8 weights are refused on `device`, or None. e4m3 needs CUDA capability 8.9 (Ada, Hopper) or later;
+    elsewhere int8 stores the same bytes with a smaller error."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) >= (8, 9):
+            return None
+        return f"this GPU (CUDA capability {major}.{minor}) has no fp8; fp8 needs 8.9 or later: use int8"
+    return f"fp8 weights need a CUDA GPU with capability 8.9 or later, not {device.type}: use int8"
+
+
+def linear_keys(module: nn.Module) -> dict[str, nn.Linear]:
+    """`name.weight` -> the nn.Linear owning it, for every Linear in `module`."""
+    return {f"{name}.weight": m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+def install(module: nn.Module, state: dict[str, Tensor | QWeight]) -> nn.Module:
+    """Fill a meta-device module from `state` (module keys -> tensors or QWeights): each Linear whose weight is a
+    QWeight becomes a QuantLinear under the same name, everything else is assigned as is."""
+    flat: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(value, QWeight):
+            flat.setdefault(key, value)
+            continue
+        name = key.removesuffix(".weight")
+        parent, _, child = name.rpartition(".")
+        q = QuantLinear(value, state.get(f"{name}.bias"))
+        setattr(module.get_submodule(parent) if parent else module, child, q)
+        flat.update({f"{name}.{k}": v for k, v in q.state_dict(keep_vars=True).items()})
+    module.load_state_dict(flat, strict=True, assign=True)
+    return module.requires_grad_(False).eval()
+
+
+def load_quantized(module: nn.Module, folder: Path, stem: str, dtype: torch.dtype, device: torch.device, fmt: str,
+                   rename: Callable[[str], str | None] = lambda k: k,
+                   skip: Callable[[str], bool] = lambda key: False) -> nn.Module:
+    """Like weights.load_weights, quantizing every Linear weight (except those `skip` names) to `fmt` the moment
+    it is read, so the unquantized model never exists."""
+    quantize, linears = QUANTIZERS[fmt], linear_keys(module)
+
+    def convert(key: str, t: Tensor) -> Tensor | QWeight:
+        if key in linears and not skip(key):
+            q = quantize(t.to(device))
+            return q
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    return install(module, read_weights(module, folder, stem, convert, rename))
+
+
+def _fits(value: GGUFTensor, want: tuple[int, ...]) -> bool:
+    if value.shape == want:
+        return True
+    drop = lambda s: tuple(d for d in s if d != 1)  # noqa: E731  (a (1, dim) token may be stored as (dim,))
+    return not value.quantized and drop(value.shape) == drop(want)
+
+
+def load_gguf(module: nn.Module, path: Path, dtype: torch.dtype, device: torch.device,
+              to_module_keys: Callable[[dict[str, GGUFTensor]], dict[str, GGUFTensor]],
+              architectures: tuple[str, ...]) -> nn.Module:
+    """Fill a meta-device module from a GGUF file: quantized Linear weights stay quantized (moved to `device`),
+    float Linear weights are kept as stored when that is smaller than `dtype`, every other tensor is dequantized
+    to `dtype`. `to_module_keys` renames (and splits) the file's tensors into `module`'s keys."""
+    _, tensors = read_gguf(path, architectures)
+    tensors = to_module_keys(tensors)
+    expected, linears = expected_shapes(module), linear_keys(module)
+    for key, value in tensors.items():
+        if key not in expected:
+            raise WeightsError(f"{path.name}: unexpected tensor '{key}' (not part of the configured model)")
+        if not _fits(value, expected[key]):
+            raise WeightsError(f"{path.name}: tensor '{key}' has shape {list(value.shape)}, "
+                               f"expected {list(expected[key])}")
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise WeightsError(f"{path.name}: tensor '{missing[0]}'{more} missing from the file")
+    size = torch.tensor([], dtype=dtype).element_size()
+    state: dict[str, Tensor | QWeight] = {}
+    for key, value in tensors.items():
+        keep = value.quantized or value.data.element_size() < size
+        if key in linears and keep:
+            state[key] = QWeight(value.qtype.name, value.shape, value.data.to(device))
+        else:
+            state[key] = value.dequantize(dtype).reshape(expected[key]).to(device)
+    return install(module, state)
+
+
+def quantized_bytes(module: nn.Module) -> int:
+    """Bytes the module's parameters hold, quantized ones as stored."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def describe(module: nn.Module) -> str:
+    """'N linears quantized (fmt: count, ...), X in all' for log messages."""
+    counts: dict[str, int] = {}
+    for m in module.modules():
+        if isinstance(m, QuantLinear):
+            counts[m.fmt] = counts.get(m.fmt, 0) + 1
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
+    return f"{sum(counts.values())} linear layers quantized ({kinds}), {human_bytes(quantized_bytes(module))} in all"
+
+
+def load_gguf_transformer(model: nn.Module, path: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The transformer from a GGUF file in the original/ComfyUI layout (architecture lumina2, as published)."""
+    from .gguf import transformer_keys
+
+    return load_gguf(model, path, dtype, device, transformer_keys, ("lumina2",))
