@@ -205,3 +205,29 @@ def test_gguf_linears_stay_quantized(base96, tmp_path):
     assert set(K_TYPES) | set(LEGACY) <= {Q[f] for f in fmts}
     assert model.layers[0].attention.to_q.weight.dtype == torch.uint8
     assert "layers.0.attention.to_q.weight" in model.state_dict()  # names stay the checkpoint's keys
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+@torch.inference_mode()
+def test_gguf_transformer_matches_diffusers_gguf(base96, tmp_path):
+    """The same GGUF file (Q8_0, Q4_0, Q5_0, F16) through diffusers' GGUFQuantizationConfig + from_single_file."""
+    from diffusers import GGUFQuantizationConfig, ZImageTransformer2DModel
+
+    from zimage.pipeline import load_transformer
+
+    quantized, _ = gguf_model(base96, tmp_path, diffusers_types)
+    gguf_path = quantized / "transformer" / "model.gguf"
+    ref = ZImageTransformer2DModel.from_single_file(
+        str(gguf_path), quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
+        config=str(quantized), subfolder="transformer", torch_dtype=torch.float32)
+    assert type(ref.layers[0].attention.to_q.weight).__name__ == "GGUFParameter"  # diffusers kept it quantized
+    ours = load_transformer(quantized, torch.device("cpu"), torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 6, 10, generator=gen)
+    t = torch.rand(2, generator=gen)
+    caps = [torch.randn(n, ours.cfg.cap_feat_dim, generator=gen) for n in (5, 40)]
+    expected = torch.stack(ref(list(x.unsqueeze(2).unbind(0)), t, caps, return_dict=False)[0]).squeeze(2)
+    assert rel_err(ours(x, t, caps), expected) <= 1e-3
