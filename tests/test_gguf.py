@@ -231,3 +231,69 @@ def test_gguf_transformer_matches_diffusers_gguf(base96, tmp_path):
     caps = [torch.randn(n, ours.cfg.cap_feat_dim, generator=gen) for n in (5, 40)]
     expected = torch.stack(ref(list(x.unsqueeze(2).unbind(0)), t, caps, return_dict=False)[0]).squeeze(2)
     assert rel_err(ours(x, t, caps), expected) <= 1e-3
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+def failing(model: Path, out: Path) -> str:
+    """Run generate expecting the one-line failure of a broken weight file (exit 1, as for safetensors)."""
+    result = CliRunner().invoke(app, ["generate", "--model-path", str(model), "-o", str(out), *SMALL])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert not out.exists()
+    return lines[0]
+
+
+def broken_gguf(base: Path, root: Path, edit) -> Path:
+    """A copy of `base` whose transformer is a GGUF (Q8_0 where it can be) edited by `edit(state, path)`."""
+    model = root / "model"
+    shutil.copytree(base, model)
+    (model / TRANSFORMER_FILE).unlink()
+    edit(load_file(base / TRANSFORMER_FILE), model / "transformer" / "model.gguf")
+    return model
+
+
+def test_gguf_of_another_architecture(base96, tmp_path):
+    model = broken_gguf(base96, tmp_path, lambda s, p: write_gguf(s, p, diffusers_types, arch="flux"))
+    assert "architecture 'flux', not 'lumina2'" in failing(model, tmp_path / "x.png")
+
+
+def test_gguf_with_an_unsupported_tensor_type(base96, tmp_path):
+    def edit(state, path):
+        writer = GGUFWriter(str(path), "lumina2")
+        for name, t in original_names(state).items():
+            if name == "layers.0.feed_forward.w2.weight":  # IQ4_NL: 32 values in 18 bytes, a type zimage lacks
+                writer.add_tensor(name, np.zeros((t.shape[0], t.shape[1] // 32 * 18), np.uint8), raw_dtype=Q.IQ4_NL)
+            else:
+                writer.add_tensor(name, t.float().numpy())
+        writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+        writer.close()
+
+    message = failing(broken_gguf(base96, tmp_path, edit), tmp_path / "x.png")
+    assert "'layers.0.feed_forward.w2.weight' has type IQ4_NL, which zimage cannot read" in message
+
+
+def test_truncated_gguf(base96, tmp_path):
+    def edit(state, path):
+        write_gguf(state, path, diffusers_types)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    assert "is not a readable GGUF file" in failing(broken_gguf(base96, tmp_path, edit), tmp_path / "x.png")
+
+
+def test_gguf_with_mismatched_shapes(base96, tmp_path):
+    def edit(state, path):
+        state["layers.1.feed_forward.w1.weight"] = state["layers.1.feed_forward.w1.weight"][:128]
+        write_gguf(state, path, diffusers_types)
+
+    message = failing(broken_gguf(base96, tmp_path, edit), tmp_path / "x.png")
+    assert "'layers.1.feed_forward.w1.weight' has shape [128, 96], expected [256, 96]" in message
+
+
+def test_two_gguf_files_are_ambiguous(base96, tmp_path):
+    def edit(state, path):
+        write_gguf(state, path, diffusers_types)
+        shutil.copy(path, path.with_name("other.gguf"))
+
+    assert "holds 2 GGUF files" in failing(broken_gguf(base96, tmp_path, edit), tmp_path / "x.png")
