@@ -123,6 +123,8 @@ def generate(
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks (slow first step, faster after)."),
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Decode in overlapping tiles so large images fit in little memory."),
     vae_dtype: Optional[str] = typer.Option(None, "--vae-dtype", help="auto, float32 or bfloat16 for the VAE decode. [default: auto: float32, as the VAE config asks]"),
+    quantize: str = typer.Option("none", "--quantize", help="Store the transformer's linear weights as int8 (any device) or fp8 (CUDA capability 8.9+), quantized while loading; none keeps --dtype. GGUF files are already quantized.", rich_help_panel="Device and memory"),
+    quantize_text_encoder: str = typer.Option("none", "--quantize-text-encoder", help="The same for the text encoder: none, int8 or fp8.", rich_help_panel="Device and memory"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
 ) -> None:
@@ -139,7 +141,7 @@ def generate(
         jobs, skipped, model = plan(prompt, prompts_file, from_png, model_path, output, num_images, overwrite,
                                     settings)
         opts = runtime_options(model, jobs, batch_size, cpu, device, dtype, force, offload, compile_, vae_tiling,
-                               vae_dtype, quiet, overwrite)
+                               vae_dtype, quiet, overwrite, quantize, quantize_text_encoder)
         for message in skipped:
             err(f"skipped: {message}")
         failed = run_jobs(opts, jobs, batch_size, json_out)
@@ -148,27 +150,31 @@ def generate(
 
 def runtime_options(model: Path, jobs: list[Job], batch_size: int, cpu: bool, device: Optional[str],
                     dtype: Optional[str], force: bool, offload: Optional[str], compile_: bool, vae_tiling: bool,
-                    vae_dtype: Optional[str], quiet: bool, overwrite: bool):
+                    vae_dtype: Optional[str], quiet: bool, overwrite: bool, quantize: str = "none",
+                    quantize_text_encoder: str = "none"):
     """Device, dtype and offload mode for the run, after checking that its largest batch fits in memory."""
-    from .devices import choose_offload, estimate, pick_device, pick_dtype
+    from .devices import choose_offload, estimate, pick_device, pick_dtype, quantize_problem
     from .pipeline import OFFLOAD_MODES, Options
 
     if offload is not None and offload not in OFFLOAD_MODES:
         raise UsageError(f"--offload must be one of {', '.join(OFFLOAD_MODES)} (got '{offload}')")
     dev = pick_device(device, cpu)
+    for flag, value in (("--quantize", quantize), ("--quantize-text-encoder", quantize_text_encoder)):
+        if problem := quantize_problem(value, dev):
+            raise UsageError(f"{flag} {value}: {problem}")
     dt = pick_dtype(dtype, dev, force)
     vae_dt = None if vae_dtype in (None, "auto") else pick_dtype(vae_dtype, dev, force)
     if not jobs:
-        return Options(model, dev, dt)
+        return Options(model, dev, dt, quantize=quantize, quantize_text_encoder=quantize_text_encoder)
     largest = max(jobs, key=lambda j: j.settings.width * j.settings.height).settings
     needs = estimate(model, dt, largest.width, largest.height, min(batch_size, len(jobs)),
-                     any(j.settings.guidance_scale > 0 for j in jobs))
+                     any(j.settings.guidance_scale > 0 for j in jobs), quantize, quantize_text_encoder)
     mode, note = choose_offload(needs, dev, dt, offload)
     if note:
         log.info(note)
     log.info("device %s, %s, offload %s; %d image(s)", dev, str(dt).removeprefix("torch."), mode, len(jobs))
     return Options(model, dev, dt, mode, compile_, VAE_TILE if vae_tiling else None, vae_dt, not quiet,
-                   overwrite)
+                   overwrite, quantize, quantize_text_encoder)
 
 
 def run_jobs(opts, jobs: list[Job], batch_size: int, json_out: bool) -> list[str]:

@@ -76,6 +76,15 @@ def pick_dtype(name: str | None, device: torch.device, force: bool) -> torch.dty
     return dtype
 
 
+def quantize_problem(fmt: str, device: torch.device) -> str | None:
+    """Why weights cannot be quantized to `fmt` on `device` (an unknown name, fp8 without hardware), or None."""
+    from .quant import QUANTIZE, fp8_problem
+
+    if fmt not in QUANTIZE:
+        return f"unknown quantization '{fmt}'; use {', '.join(QUANTIZE)}"
+    return fp8_problem(device) if fmt == "fp8" else None
+
+
 @dataclass(frozen=True)
 class Needs:
     """Bytes each stage needs: weights in the run's dtype plus working memory."""

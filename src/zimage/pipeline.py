@@ -162,7 +162,7 @@ class Pipeline:
         t0 = time.perf_counter()
         streamed = self.opts.offload == "sequential"
         encoder = TextEncoder.load(self.opts.model_path, self.storage_device if streamed else self.compute_device,
-                                   self.opts.dtype)
+                                   self.opts.dtype, self.opts.quantize_text_encoder)
         if streamed:
             BlockStreamer(encoder.model, list(encoder.model.layers), self.compute_device)
         self.timings.load += time.perf_counter() - t0

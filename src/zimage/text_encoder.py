@@ -53,14 +53,23 @@ class TextEncoder:
         self.max_tokens = max_tokens
 
     @classmethod
-    def load(cls, model_path: Path, device: torch.device, dtype: torch.dtype) -> "TextEncoder":
+    def load(cls, model_path: Path, device: torch.device, dtype: torch.dtype,
+             quantize: str = "none") -> "TextEncoder":
+        """The encoder from `text_encoder/`, its linear weights quantized while loading unless `quantize` is none."""
         folder = model_path / "text_encoder"
         cfg = encoder_config(folder)
         with torch.device("meta"):
             model = Qwen3Model(cfg)
         model.norm = nn.Identity()
-        load_weights(model, folder, WEIGHT_STEMS["text_encoder"], dtype, device,
-                     checkpoint_key(cfg.num_hidden_layers))
+        if quantize != "none":
+            from .quant import describe, load_quantized
+
+            load_quantized(model, folder, WEIGHT_STEMS["text_encoder"], dtype, device, quantize,
+                           checkpoint_key(cfg.num_hidden_layers))
+            log.info("text encoder: %s", describe(model))
+        else:
+            load_weights(model, folder, WEIGHT_STEMS["text_encoder"], dtype, device,
+                         checkpoint_key(cfg.num_hidden_layers))
         model.rotary_emb = type(model.rotary_emb)(config=cfg).to(device)  # its buffers were left on meta
         tokenizer = AutoTokenizer.from_pretrained(str(model_path / "tokenizer"))
         return cls(model, tokenizer)

@@ -1,0 +1,108 @@
+"""--quantize int8|fp8: per-row weight quantization while loading, the quantized linear, and the flags."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+import zimage.quant
+from zimage.cli import app
+from zimage.pipeline import load_transformer
+from zimage.quant import QuantLinear, quantize_fp8, quantize_int8
+from zimage.text_encoder import TextEncoder
+
+CPU = torch.device("cpu")
+SMALL = ["--width", "64", "--height", "64", "--num-steps", "2", "--seed", "7", "-q", "-p", "a cat"]
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def test_int8_rounds_each_row_to_its_own_scale():
+    w = torch.randn(8, 64) * torch.logspace(-3, 1, 8)[:, None]  # rows of very different magnitude
+    q = quantize_int8(w)
+    assert q.data.dtype == torch.int8 and q.data.abs().max() == 127 and q.scale.shape == (8,)
+    back = q.data.float() * q.scale[:, None]
+    assert ((back - w).abs() <= q.scale[:, None] / 2 * (1 + 1e-6)).all()  # round to nearest, per row
+
+
+def test_fp8_stays_within_e4m3_precision():
+    w = torch.randn(8, 64) * torch.logspace(-3, 1, 8)[:, None]
+    q = quantize_fp8(w)
+    assert q.data.dtype == torch.float8_e4m3fn
+    back = q.data.float() * q.scale[:, None]
+    assert (((back - w).abs() / w.abs().clamp(min=1e-3 * q.scale[:, None])) <= 2**-4).all()  # 3 mantissa bits
+
+
+@pytest.mark.parametrize("quantize", [quantize_int8, quantize_fp8], ids=["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_linear_equals_linear_on_its_dequantized_weight(quantize, dtype):
+    w, b, x = torch.randn(48, 64), torch.randn(48), torch.randn(3, 5, 64)
+    q = quantize(w)
+    layer = QuantLinear(q, b.to(dtype))
+    ref = F.linear(x.double(), q.data.double() * q.scale.double()[:, None], b.to(dtype).double())
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    assert rel_err(layer(x.to(dtype)), ref) < tol
+
+
+def test_int8_transformer_output_is_close_and_weights_are_int8(tiny):
+    ref = load_transformer(tiny, CPU, torch.float32)
+    ours = load_transformer(tiny, CPU, torch.float32, quantize="int8")
+    assert ours.layers[0].feed_forward.w1.weight.dtype == torch.int8
+    assert "layers.0.feed_forward.w1.weight" in ours.state_dict()
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 16, 8, 8, generator=gen), torch.rand(1, generator=gen)
+    caps = [torch.randn(7, ref.cfg.cap_feat_dim, generator=gen)]
+    with torch.inference_mode():
+        err = rel_err(ours(x, t, caps), ref(x, t, caps))
+    assert 0 < err < 2e-2
+
+
+def test_quantizing_never_holds_two_unquantized_weights(tiny, monkeypatch):
+    """Each float weight is quantized as it is read and dropped before the next one is read."""
+    alive: list[weakref.ref] = []
+    most = [0]
+    real = zimage.quant.QUANTIZERS["int8"]
+
+    def watching(w: torch.Tensor):
+        alive.append(weakref.ref(w))
+        most[0] = max(most[0], sum(r() is not None for r in alive))
+        return real(w)
+
+    monkeypatch.setitem(zimage.quant.QUANTIZERS, "int8", watching)
+    load_transformer(tiny, CPU, torch.float32, quantize="int8")
+    assert len(alive) > 10 and most[0] == 1
+
+
+@torch.inference_mode()
+def test_int8_text_encoder_features_are_close(tiny):
+    ref = TextEncoder.load(tiny, CPU, torch.float32)
+    ours = TextEncoder.load(tiny, CPU, torch.float32, quantize="int8")
+    assert isinstance(ours.model.layers[0].mlp.down_proj, QuantLinear)
+    a, b = ref.encode(["a cat on a chair"])[0], ours.encode(["a cat on a chair"])[0]
+    assert 0 < rel_err(b, a) < 2e-2
+
+
+def test_generate_with_int8_transformer_and_text_encoder(tiny, tmp_path):
+    out = tmp_path / "x.png"
+    result = CliRunner().invoke(app, ["generate", "--model-path", str(tiny), "-o", str(out), *SMALL,
+                                      "--quantize", "int8", "--quantize-text-encoder", "int8"])
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--quantize", "fp8"], "error: --quantize fp8: fp8 weights need a CUDA GPU with capability 8.9 or later, not cpu"),
+    (["--quantize-text-encoder", "int4"], "error: --quantize-text-encoder int4: unknown quantization 'int4'"),
+])
+def test_bad_quantize_flags_are_usage_errors(tiny, tmp_path, args, message):
+    out = tmp_path / "x.png"
+    result = CliRunner().invoke(app, ["generate", "--model-path", str(tiny), "-o", str(out), *SMALL, "--cpu", *args])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith(message), result.output
+    assert not out.exists()
