@@ -297,3 +297,21 @@ def test_two_gguf_files_are_ambiguous(base96, tmp_path):
         shutil.copy(path, path.with_name("other.gguf"))
 
     assert "holds 2 GGUF files" in failing(broken_gguf(base96, tmp_path, edit), tmp_path / "x.png")
+
+
+def test_check_reports_a_gguf_transformer(base96, tmp_path):
+    quantized, _ = gguf_model(base96, tmp_path, diffusers_types)
+    result = CliRunner().invoke(app, ["check", "--model-path", str(quantized)])
+    assert result.exit_code == 0, result.output
+    line = next(ln for ln in result.output.splitlines() if ln.startswith("transformer"))
+    assert "1 file(s)" in line and "F16/F32/Q4_0/Q5_0/Q8_0" in line
+
+
+def test_check_finds_a_misshapen_gguf_transformer(base96, tmp_path):
+    def edit(state, path):
+        state["layers.1.feed_forward.w1.weight"] = state["layers.1.feed_forward.w1.weight"][:128]
+        write_gguf(state, path, diffusers_types)
+
+    result = CliRunner().invoke(app, ["check", "--model-path", str(broken_gguf(base96, tmp_path, edit))])
+    assert result.exit_code == 1
+    assert "transformer   FAIL  model.gguf: tensor 'layers.1.feed_forward.w1.weight' has shape" in result.output

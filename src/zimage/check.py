@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,6 +103,17 @@ class ComponentReport:
                 f"{'/'.join(self.dtypes)}, {human_bytes(self.bytes)}")
 
 
+def gguf_report(path: Path, expected: dict[str, tuple[int, ...]]) -> ComponentReport:
+    """The report of a GGUF transformer file: its tensors checked against the config, sizes as stored."""
+    from .gguf import transformer_keys
+    from .quant import matched_gguf
+
+    tensors = matched_gguf(path, expected, transformer_keys, ("lumina2",))
+    return ComponentReport("transformer", True, files=1, parameters=sum(math.prod(t.shape) for t in tensors.values()),
+                           dtypes=sorted({t.qtype.name for t in tensors.values()}),
+                           bytes=sum(t.nbytes for t in tensors.values()))
+
+
 def check_component(model_path: Path, name: str) -> ComponentReport:
     """The report of one component; never raises, so that every component gets its line."""
     folder = model_path / name
@@ -115,6 +127,8 @@ def check_component(model_path: Path, name: str) -> ComponentReport:
             require_tokenizer(folder)
             return ComponentReport(name, True)
         read_json(folder / CONFIG_NAMES[name])
+        if name == "transformer" and (path := find_gguf(folder, WEIGHT_STEMS[name])) is not None:
+            return gguf_report(path, expected_for(model_path, name))
         header = checkpoint_header(folder, WEIGHT_STEMS[name])
         rename = text_encoder_key if name == "text_encoder" else (lambda k: k)
         match_keys(header, expected_for(model_path, name), rename, folder)

@@ -148,9 +148,26 @@ def load_gguf(module: nn.Module, path: Path, dtype: torch.dtype, device: torch.d
     """Fill a meta-device module from a GGUF file: quantized Linear weights stay quantized (moved to `device`),
     float Linear weights are kept as stored when that is smaller than `dtype`, every other tensor is dequantized
     to `dtype`. `to_module_keys` renames (and splits) the file's tensors into `module`'s keys."""
+    expected, linears = expected_shapes(module), linear_keys(module)
+    tensors = matched_gguf(path, expected, to_module_keys, architectures)
+    size = torch.tensor([], dtype=dtype).element_size()
+    state: dict[str, Tensor | QWeight] = {}
+    for key, value in tensors.items():
+        keep = value.quantized or value.data.element_size() < size
+        if key in linears and keep:
+            state[key] = QWeight(value.qtype.name, value.shape, value.data.to(device))
+        else:
+            state[key] = value.dequantize(dtype).reshape(expected[key]).to(device)
+    return install(module, state)
+
+
+def matched_gguf(path: Path, expected: dict[str, tuple[int, ...]],
+                 to_module_keys: Callable[[dict[str, GGUFTensor]], dict[str, GGUFTensor]],
+                 architectures: tuple[str, ...]) -> dict[str, GGUFTensor]:
+    """The tensors of a GGUF file under module keys, checked against the module's `expected` shapes: raises
+    WeightsError for the first unexpected, misshapen or missing tensor."""
     _, tensors = read_gguf(path, architectures)
     tensors = to_module_keys(tensors)
-    expected, linears = expected_shapes(module), linear_keys(module)
     for key, value in tensors.items():
         if key not in expected:
             raise WeightsError(f"{path.name}: unexpected tensor '{key}' (not part of the configured model)")
@@ -161,15 +178,7 @@ def load_gguf(module: nn.Module, path: Path, dtype: torch.dtype, device: torch.d
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise WeightsError(f"{path.name}: tensor '{missing[0]}'{more} missing from the file")
-    size = torch.tensor([], dtype=dtype).element_size()
-    state: dict[str, Tensor | QWeight] = {}
-    for key, value in tensors.items():
-        keep = value.quantized or value.data.element_size() < size
-        if key in linears and keep:
-            state[key] = QWeight(value.qtype.name, value.shape, value.data.to(device))
-        else:
-            state[key] = value.dequantize(dtype).reshape(expected[key]).to(device)
-    return install(module, state)
+    return tensors
 
 
 def quantized_bytes(module: nn.Module) -> int:
