@@ -72,7 +72,7 @@ from safetensors.torch import load_file  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from zimage.cli import app  # noqa: E402
-from zimage.gguf import transformer_keys  # noqa: E402
+from zimage.gguf import original_transformer_keys, transformer_keys  # noqa: E402
 from zimage.tiny import TinySpec, make_tiny  # noqa: E402
 from zimage.weights import WEIGHT_STEMS, save_weights  # noqa: E402
 
@@ -83,25 +83,6 @@ TRANSFORMER_FILE = f"transformer/{WEIGHT_STEMS['transformer']}.safetensors"
 K_TYPES = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 LEGACY = (Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.Q4_1, Q.Q5_1)
 SMALL = ["--width", "64", "--height", "64", "--num-steps", "2", "--seed", "5", "-q", "-p", "a cat"]
-
-
-def original_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our transformer keys -> the original/ComfyUI ones, with to_q/k/v fused into attention.qkv."""
-    out = {}
-    for key, t in state.items():
-        if ".attention.to_k." in key or ".attention.to_v." in key:
-            continue
-        name = key
-        for ours, theirs in (("all_final_layer.2-1.", "final_layer."), ("all_x_embedder.2-1.", "x_embedder."),
-                             (".attention.to_out.0.", ".attention.out."), (".norm_k.", ".k_norm."),
-                             (".norm_q.", ".q_norm.")):
-            name = name.replace(ours, theirs)
-        if ".attention.to_q." in key:
-            parts = [state[key.replace("to_q", p)] for p in ("to_q", "to_k", "to_v")]
-            out[name.replace(".to_q.", ".qkv.")] = torch.cat(parts)
-        else:
-            out[name] = t
-    return out
 
 
 def k_blocks(weights: np.ndarray, qtype: Q, seed: int) -> np.ndarray:
@@ -145,7 +126,7 @@ def write_gguf(state: dict[str, torch.Tensor], path: Path, pick, arch: str = "lu
     dequantized values (gguf-py's numpy dequantization) under our keys."""
     writer = GGUFWriter(str(path), arch)
     ref = {}
-    for i, (name, t) in enumerate(original_names(state).items()):
+    for i, (name, t) in enumerate(original_transformer_keys(state).items()):
         qtype = pick(name, t, i)
         arr = t.float().numpy()
         if qtype == Q.F32:
@@ -262,7 +243,7 @@ def test_gguf_of_another_architecture(base96, tmp_path):
 def test_gguf_with_an_unsupported_tensor_type(base96, tmp_path):
     def edit(state, path):
         writer = GGUFWriter(str(path), "lumina2")
-        for name, t in original_names(state).items():
+        for name, t in original_transformer_keys(state).items():
             if name == "layers.0.feed_forward.w2.weight":  # IQ4_NL: 32 values in 18 bytes, a type zimage lacks
                 writer.add_tensor(name, np.zeros((t.shape[0], t.shape[1] // 32 * 18), np.uint8), raw_dtype=Q.IQ4_NL)
             else:

@@ -250,3 +250,21 @@ def held_bytes(path: Path, float_size: int) -> dict[str, int]:
     bytes per value (reads only the header)."""
     _, tensors = read_gguf(path)
     return {name: t.nbytes if t.quantized else t.data.numel() * float_size for name, t in tensors.items()}
+
+
+def original_transformer_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of `transformer_keys` for float tensors: our keys -> original names, to_q/k/v fused into qkv
+    (for writing GGUF files that tools of the original layout read)."""
+    out: dict[str, Tensor] = {}
+    for key, t in state.items():
+        if ".attention.to_k." in key or ".attention.to_v." in key:
+            continue
+        name = key
+        for old, new in TRANSFORMER_RENAMES:
+            name = name.replace(new, old)
+        if ".attention.to_q." in key:
+            parts = [state[key.replace("to_q", p)] for p in ("to_q", "to_k", "to_v")]
+            out[name.replace(".to_q.", ".qkv.")] = torch.cat(parts)
+        else:
+            out[name] = t
+    return out
