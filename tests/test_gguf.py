@@ -296,3 +296,86 @@ def test_check_finds_a_misshapen_gguf_transformer(base96, tmp_path):
     result = CliRunner().invoke(app, ["check", "--model-path", str(broken_gguf(base96, tmp_path, edit))])
     assert result.exit_code == 1
     assert "transformer   FAIL  model.gguf: tensor 'layers.1.feed_forward.w1.weight' has shape" in result.output
+
+
+# ------------------------------------------------------------------------------------ GGUF text encoder files
+
+LLAMA_CPP_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                   "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+                   "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm",
+                   "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def llama_cpp_name(key: str) -> str:
+    key = key.removeprefix("model.")
+    if key == "embed_tokens.weight":
+        return "token_embd.weight"
+    if key == "norm.weight":
+        return "output_norm.weight"
+    _, n, rest = key.split(".", 2)
+    module, param = rest.rsplit(".", 1)
+    return f"blk.{n}.{LLAMA_CPP_NAMES[module]}.{param}"
+
+
+def write_text_encoder_gguf(folder: Path, path: Path, pick) -> None:
+    """The text encoder of a tiny checkpoint as llama.cpp publishes Qwen3: its names, its metadata."""
+    import json
+
+    from safetensors.torch import load_file as load
+
+    cfg = json.loads((folder / "config.json").read_text())
+    writer = GGUFWriter(str(path), "qwen3")
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg["num_key_value_heads"])
+    writer.add_key_length(cfg["head_dim"])
+    writer.add_value_length(cfg["head_dim"])
+    writer.add_rope_freq_base(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_vocab_size(cfg["vocab_size"])
+    for i, (key, t) in enumerate(load(folder / "model.safetensors").items()):
+        qtype, arr = pick(key, t, i), t.float().numpy()
+        if qtype == Q.F32:
+            writer.add_tensor(llama_cpp_name(key), arr)
+        else:
+            raw = k_blocks(arr, qtype, i) if qtype in K_TYPES else quants.quantize(arr, qtype)
+            writer.add_tensor(llama_cpp_name(key), raw, raw_dtype=qtype)
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+
+
+@torch.inference_mode()
+def test_gguf_text_encoder_matches_transformers_gguf_loading(base96, tmp_path):
+    """zimage's features from a llama.cpp-style Qwen3 GGUF vs transformers' own GGUF loader on the same file."""
+    from transformers import AutoConfig, Qwen3Model
+
+    from zimage.quant import QuantLinear
+    from zimage.text_encoder import TextEncoder
+
+    model = tmp_path / "model"
+    shutil.copytree(base96, model)
+    (model / "text_encoder" / "model.safetensors").unlink()
+    write_text_encoder_gguf(base96 / "text_encoder", model / "text_encoder" / "model.gguf", mixed_types())
+    ours = TextEncoder.load(model, torch.device("cpu"), torch.float32)
+    assert isinstance(ours.model.layers[0].mlp.down_proj, QuantLinear)
+    ids = ours.tokenize("a red fox in the snow")
+    # the config given: transformers reads no head_dim from qwen3 GGUF metadata (it assumes Qwen3's 128)
+    folder = model / "text_encoder"
+    ref = Qwen3Model.from_pretrained(str(folder), gguf_file="model.gguf", config=AutoConfig.from_pretrained(folder),
+                                     dtype=torch.float32)
+    expected = ref(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-2][0]
+    got = ours.encode(["a red fox in the snow"])[0]
+    assert rel_err(got, expected) <= 1e-5
+
+
+def test_generate_and_check_with_gguf_text_encoder_and_transformer(base96, tmp_path):
+    model, _ = gguf_model(base96, tmp_path, mixed_types())
+    (model / "text_encoder" / "model.safetensors").unlink()
+    write_text_encoder_gguf(base96 / "text_encoder", model / "text_encoder" / "model.gguf", mixed_types())
+    assert image(model, tmp_path / "x.png").std() > 0
+    result = CliRunner().invoke(app, ["check", "--model-path", str(model)])
+    assert result.exit_code == 0, result.output
+    assert "text_encoder  ok    1 file(s)" in result.output

@@ -103,13 +103,28 @@ class ComponentReport:
                 f"{'/'.join(self.dtypes)}, {human_bytes(self.bytes)}")
 
 
-def gguf_report(path: Path, expected: dict[str, tuple[int, ...]]) -> ComponentReport:
-    """The report of a GGUF transformer file: its tensors checked against the config, sizes as stored."""
-    from .gguf import transformer_keys
+def gguf_report(model_path: Path, name: str, path: Path) -> ComponentReport:
+    """The report of a GGUF file standing in for a component: its tensors checked against the config (for the
+    text encoder, the layers Z-Image runs), sizes as stored."""
+    from .gguf import text_encoder_keys, transformer_keys
     from .quant import matched_gguf
 
-    tensors = matched_gguf(path, expected, transformer_keys, ("lumina2",))
-    return ComponentReport("transformer", True, files=1, parameters=sum(math.prod(t.shape) for t in tensors.values()),
+    if name == "transformer":
+        expected, convert, arch = expected_for(model_path, name), transformer_keys, "lumina2"
+    elif name == "text_encoder":
+        from transformers import Qwen3Model
+
+        from .text_encoder import encoder_config
+
+        cfg = encoder_config(model_path / name)
+        with torch.device("meta"):
+            model = Qwen3Model(cfg)
+        model.norm = torch.nn.Identity()
+        expected, convert, arch = expected_shapes(model), text_encoder_keys(cfg.num_hidden_layers), "qwen3"
+    else:
+        raise WeightsError(f"{path}: zimage reads GGUF files for the transformer and the text encoder only")
+    tensors = matched_gguf(path, expected, convert, (arch,))
+    return ComponentReport(name, True, files=1, parameters=sum(math.prod(t.shape) for t in tensors.values()),
                            dtypes=sorted({t.qtype.name for t in tensors.values()}),
                            bytes=sum(t.nbytes for t in tensors.values()))
 
@@ -127,8 +142,8 @@ def check_component(model_path: Path, name: str) -> ComponentReport:
             require_tokenizer(folder)
             return ComponentReport(name, True)
         read_json(folder / CONFIG_NAMES[name])
-        if name == "transformer" and (path := find_gguf(folder, WEIGHT_STEMS[name])) is not None:
-            return gguf_report(path, expected_for(model_path, name))
+        if (path := find_gguf(folder, WEIGHT_STEMS[name])) is not None:
+            return gguf_report(model_path, name, path)
         header = checkpoint_header(folder, WEIGHT_STEMS[name])
         rename = text_encoder_key if name == "text_encoder" else (lambda k: k)
         match_keys(header, expected_for(model_path, name), rename, folder)

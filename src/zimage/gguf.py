@@ -268,3 +268,35 @@ def original_transformer_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
         else:
             out[name] = t
     return out
+
+
+# llama.cpp's names for Qwen3 (gguf-py tensor_mapping) -> transformers' Qwen3Model names. llama.cpp permutes the
+# q/k rows of llama-architecture files only; qwen3 files keep Hugging Face's order (transformers' GGUF loader
+# reverses the permutation for "llama" alone), so no un-permuting here.
+QWEN3_LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                     "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+                     "attn_k_norm": "self_attn.k_norm", "ffn_norm": "post_attention_layernorm",
+                     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def text_encoder_keys(n_layers_used: int) -> Callable[[dict[str, GGUFTensor]], dict[str, GGUFTensor]]:
+    """Tensors of a llama.cpp Qwen3 GGUF under Qwen3Model keys, dropping what Z-Image never runs (the output
+    norm and head, layers from `n_layers_used` on)."""
+
+    def convert(tensors: dict[str, GGUFTensor]) -> dict[str, GGUFTensor]:
+        out = {}
+        for name, t in tensors.items():
+            if name == "token_embd.weight":
+                out["embed_tokens.weight"] = t
+                continue
+            parts = name.split(".")
+            if parts[0] != "blk" or len(parts) != 4:
+                if name.startswith(("output.", "output_norm.", "rope_freqs.")):
+                    continue
+                out[name] = t  # reported as unexpected by the caller
+                continue
+            if int(parts[1]) < n_layers_used:
+                out[f"layers.{parts[1]}.{QWEN3_LAYER_NAMES.get(parts[2], parts[2])}.{parts[3]}"] = t
+        return out
+
+    return convert

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer, Qwen3Model
 
-from .weights import WEIGHT_STEMS, load_weights
+from .weights import WEIGHT_STEMS, find_gguf, load_weights
 
 log = logging.getLogger("zimage")
 
@@ -61,7 +61,13 @@ class TextEncoder:
         with torch.device("meta"):
             model = Qwen3Model(cfg)
         model.norm = nn.Identity()
-        if quantize != "none":
+        if (path := find_gguf(folder, WEIGHT_STEMS["text_encoder"])) is not None:
+            from .gguf import text_encoder_keys
+            from .quant import describe, load_gguf
+
+            load_gguf(model, path, dtype, device, text_encoder_keys(cfg.num_hidden_layers), ("qwen3",))
+            log.info("text encoder: %s", describe(model))
+        elif quantize != "none":
             from .quant import describe, load_quantized
 
             load_quantized(model, folder, WEIGHT_STEMS["text_encoder"], dtype, device, quantize,
