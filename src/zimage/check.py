@@ -11,7 +11,8 @@ import torch
 from .scheduler import SchedulerConfig
 from .transformer import TransformerConfig, ZImageTransformer
 from .vae import AutoencoderKL, VAEConfig
-from .weights import (CONFIG_NAMES, DOWNLOAD_HINT, TOKENIZER_FILES, WEIGHT_STEMS, MissingFileError, WeightsError,
+from .layout import missing_hint
+from .weights import (CONFIG_NAMES, TOKENIZER_FILES, WEIGHT_STEMS, MissingFileError, WeightsError,
                       checkpoint_header, expected_shapes, find_gguf, human_bytes, match_keys, read_config, read_json,
                       weight_files)
 
@@ -51,10 +52,6 @@ def require_tokenizer(folder: Path) -> None:
 
 def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
-
-
-def missing_hint(e: MissingFileError) -> str:
-    return f"{e}. Download the model with: {DOWNLOAD_HINT}"
 
 
 def expected_text_encoder(folder: Path) -> dict[str, tuple[int, ...]]:
@@ -152,7 +149,7 @@ def check_component(model_path: Path, name: str) -> ComponentReport:
                                parameters=sum(i.numel for i in infos),
                                dtypes=sorted({i.dtype for i in infos}), bytes=sum(i.nbytes for i in infos))
     except MissingFileError as e:
-        return ComponentReport(name, False, problem=missing_hint(e))
+        return ComponentReport(name, False, problem=missing_hint(e, model_path))
     except WeightsError as e:
         return ComponentReport(name, False, problem=one_line(e))
     except Exception as e:  # unforeseen: still one line for this component, and the others still get checked
@@ -163,14 +160,16 @@ def check_model(model_path: Path) -> list[ComponentReport]:
     """One report per component; `model_index.json` problems are reported as the component `model_index`.
     Only a missing model folder stops the check early: otherwise every component is checked, so that one run
     lists everything that needs downloading again."""
+    if model_path.is_file():
+        return [ComponentReport("model_index", False, problem=f"{model_path} is a file, not a checkpoint folder")]
     if not model_path.is_dir():
-        return [ComponentReport("model_index", False,
-                                problem=missing_hint(MissingFileError(f"model folder {model_path} not found")))]
+        return [ComponentReport("model_index", False, problem=missing_hint(
+            MissingFileError(f"model folder {model_path} not found"), model_path))]
     try:
         read_json(model_path / "model_index.json")
         report = ComponentReport("model_index", True)
     except MissingFileError as e:
-        report = ComponentReport("model_index", False, problem=missing_hint(e))
+        report = ComponentReport("model_index", False, problem=missing_hint(e, model_path))
     except WeightsError as e:
         report = ComponentReport("model_index", False, problem=one_line(e))
     return [report] + [check_component(model_path, name) for name in COMPONENTS]

@@ -16,9 +16,11 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from .errors import OutOfMemory
 from .images import save_image, to_pil
 from .jobs import Job
 from .devices import tune_allocator
+from .compiling import compile_blocks, uncompile
 from .offload import BlockStreamer, empty_cache
 from .scheduler import Guidance, SchedulerConfig, denoise, get_noise, get_sigmas, model_times
 from .text_encoder import TextEncoder
@@ -47,10 +49,6 @@ def interrupts_held():
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if caught:
         raise KeyboardInterrupt
-
-
-class OutOfMemory(RuntimeError):
-    """The device ran out of memory; the message says what was being made."""
 
 
 @dataclass(frozen=True)
@@ -163,16 +161,19 @@ class Pipeline:
         streamed = self.opts.offload == "sequential"
         encoder = TextEncoder.load(self.opts.model_path, self.storage_device if streamed else self.compute_device,
                                    self.opts.dtype, self.opts.quantize_text_encoder)
-        if streamed:
-            BlockStreamer(encoder.model, list(encoder.model.layers), self.compute_device)
+        streamer = BlockStreamer(encoder.model, list(encoder.model.layers), self.compute_device) if streamed else None
         self.timings.load += time.perf_counter() - t0
         log.info("text encoder loaded in %.1fs", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        feats = dict(zip(unique, encoder.encode(unique)))
+        try:
+            feats = dict(zip(unique, encoder.encode(unique)))
+        finally:
+            if streamer is not None:
+                streamer.remove()  # its hooks and the layers form a cycle that would keep the pinned weights
+            released = [weakref.ref(encoder.model)]
+            del encoder, streamer
+            free_memory(released, self.compute_device)
         self.timings.encode += time.perf_counter() - t0
-        released = [weakref.ref(encoder.model)]
-        del encoder
-        free_memory(released, self.compute_device)
         return feats
 
     def load_denoiser(self) -> None:
@@ -181,18 +182,24 @@ class Pipeline:
                                             self.opts.quantize)
         if self.opts.offload == "sequential":
             t = self.transformer
-            self.streamer = BlockStreamer(t, [*t.noise_refiner, *t.context_refiner, *t.layers], self.compute_device)
+            self.streamer = BlockStreamer(t, self.blocks, self.compute_device)
         if self.opts.compile:
-            for block in [*self.transformer.noise_refiner, *self.transformer.context_refiner, *self.transformer.layers]:
-                block.compile(dynamic=False)
+            compile_blocks(self.blocks)
         self.vae = load_vae(self.opts.model_path, self.storage_device, self.opts.vae_dtype, self.opts.dtype)
         self.timings.load += time.perf_counter() - t0
         log.info("transformer and VAE loaded in %.1fs", time.perf_counter() - t0)
 
+    @property
+    def blocks(self) -> list[torch.nn.Module]:
+        t = self.transformer
+        return [*t.noise_refiner, *t.context_refiner, *t.layers] if t is not None else []
+
     def release_transformer(self) -> None:
+        # hooks and compiled forwards hold their blocks in cycles: undo both, so reference counting frees them
         if self.streamer is not None:
             self.streamer.remove()
-        released = [weakref.ref(self.transformer)] if self.transformer is not None else []
+        uncompile(self.blocks)
+        released = [weakref.ref(m) for m in [self.transformer, *self.blocks] if m is not None]
         self.transformer = self.streamer = None
         free_memory(released, self.compute_device)
 

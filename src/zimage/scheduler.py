@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .errors import NonFiniteLatents
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -100,12 +102,6 @@ def guide(pos: Tensor, neg: Tensor, scale: float, normalization: float) -> Tenso
         limit = pos_norm * normalization
         pred = torch.where(new_norm > limit, pred * (limit / new_norm), pred)
     return pred
-
-
-class NonFiniteLatents(RuntimeError):
-    def __init__(self, step: int):
-        super().__init__(f"the latents became NaN or Inf at step {step + 1}")
-        self.step = step
 
 
 ModelFn = Callable[[Tensor, Tensor, list[Tensor]], Tensor]

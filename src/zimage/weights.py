@@ -12,9 +12,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-T = TypeVar("T")
+from .errors import MissingFileError, WeightsError  # noqa: F401  (defined without torch for the CLI)
+from .layout import DOWNLOAD_HINT  # noqa: F401
 
-DOWNLOAD_HINT = "huggingface-cli download Tongyi-MAI/Z-Image-Turbo --local-dir weights/Z-Image-Turbo"
+T = TypeVar("T")
 
 # component folder -> safetensors file stem, as published
 WEIGHT_STEMS = {"transformer": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
@@ -24,14 +25,6 @@ TOKENIZER_FILES = ("tokenizer_config.json",)
 
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-class WeightsError(Exception):
-    """A checkpoint file or tensor is missing, damaged, or does not fit the model."""
-
-
-class MissingFileError(WeightsError):
-    """A file the published layout requires is absent."""
 
 
 def human_bytes(n: int) -> str:

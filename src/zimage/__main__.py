@@ -1,0 +1,5 @@
+"""`python -m zimage`: the same as the `zimage` command."""
+
+from .cli import main
+
+main()
