@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+import zimage.pipeline
 import zimage.quant
 from zimage.cli import app
 from zimage.pipeline import load_transformer
@@ -106,3 +107,50 @@ def test_bad_quantize_flags_are_usage_errors(tiny, tmp_path, args, message):
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith(message), result.output
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------- --dtype auto on the CPU
+
+def test_cpu_auto_dtype_follows_native_bf16_and_memory(monkeypatch):
+    import zimage.devices as devices
+
+    monkeypatch.setattr(devices, "native_bf16", lambda: "avx512_bf16")
+    dtype, why = devices.cpu_dtype(10**15)
+    assert dtype == torch.bfloat16 and "avx512_bf16" in why
+    monkeypatch.setattr(devices, "native_bf16", lambda: None)
+    assert devices.cpu_dtype(1)[0] == torch.float32
+    dtype, why = devices.cpu_dtype(10**15)  # a petabyte of float32 never fits
+    assert dtype == torch.bfloat16 and "float32 would need about" in why
+
+
+def test_native_bf16_reads_the_cpu_flags(monkeypatch, tmp_path):
+    import zimage.devices as devices
+
+    real = devices.Path
+    for line, expected in [("flags\t\t: fpu avx2 avx512f avx512_bf16", "avx512_bf16"), ("flags : fpu avx2", None),
+                           ("Features\t: fp asimd bf16 i8mm", "bf16"), ("flags : amx_bf16 avx512_bf16", "amx_bf16")]:
+        (tmp_path / "cpuinfo").write_text(f"processor : 0\n{line}\n")
+        monkeypatch.setattr(devices, "Path", lambda p: real(tmp_path / "cpuinfo") if p == "/proc/cpuinfo" else real(p))
+        monkeypatch.setattr(devices.sys, "platform", "linux")
+        assert devices.native_bf16() == expected
+
+
+@pytest.mark.parametrize("native, expected", [("avx512_bf16", "dtype bfloat16: the CPU computes bfloat16 natively"),
+                                              (None, "dtype float32: this CPU has no native bfloat16")])
+def test_generate_says_which_dtype_auto_picked(tiny, tmp_path, monkeypatch, native, expected):
+    import zimage.devices as devices
+
+    monkeypatch.setattr(devices, "native_bf16", lambda: native)
+    seen = {}
+    real = zimage.pipeline.Pipeline.__init__
+
+    def spy(self, opts):
+        seen["dtype"] = opts.dtype
+        real(self, opts)
+
+    monkeypatch.setattr(zimage.pipeline.Pipeline, "__init__", spy)
+    result = CliRunner().invoke(app, ["generate", "--model-path", str(tiny), "-o", str(tmp_path / "x.png"),
+                                      "--width", "64", "--height", "64", "--num-steps", "1", "--cpu", "-p", "a cat"])
+    assert result.exit_code == 0, result.output
+    assert expected in result.output
+    assert seen["dtype"] == (torch.bfloat16 if native else torch.float32)

@@ -170,7 +170,8 @@ def generate(
     device: str = typer.Option("auto", "--device", rich_help_panel=DEVICE,
                                help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", rich_help_panel=DEVICE,
-                              help="auto (bfloat16 on GPUs, float32 on CPU), bfloat16 or float32."),
+                              help="auto (bfloat16 on GPUs; on the CPU bfloat16 where it computes it natively "
+                                   "or float32 would not fit, else float32, said at start), bfloat16 or float32."),
     force: bool = typer.Option(False, "--force", rich_help_panel=DEVICE,
                                help="Allow --dtype float16 although it overflows in this model."),
     offload: Optional[str] = typer.Option(None, "--offload", show_default="none when everything fits, else chosen",
@@ -220,7 +221,9 @@ def runtime_options(model: Path, jobs: list[Job], batch_size: int, cpu: bool, de
                     vae_dtype: Optional[str], quiet: bool, overwrite: bool, quantize: str = "none",
                     quantize_text_encoder: str = "none"):
     """Device, dtype and offload mode for the run, after checking that its largest batch fits in memory."""
-    from .devices import choose_offload, estimate, pick_device, pick_dtype, quantize_problem
+    import torch
+
+    from .devices import choose_offload, cpu_dtype, estimate, pick_device, pick_dtype, quantize_problem
     from .pipeline import OFFLOAD_MODES, Options
 
     if offload is not None and offload not in OFFLOAD_MODES:
@@ -240,9 +243,13 @@ def runtime_options(model: Path, jobs: list[Job], batch_size: int, cpu: bool, de
     if not jobs:
         return Options(model, dev, dt, quantize=quantize, quantize_text_encoder=quantize_text_encoder)
     largest = max(jobs, key=lambda j: j.settings.width * j.settings.height).settings
-    needs = estimate(model, dt, largest.width, largest.height, min(batch_size, len(jobs)),
-                     any(j.settings.guidance_scale > 0 for j in jobs), VAE_TILE if vae_tiling else None,
-                     quantize, quantize_text_encoder)
+    cfg_on = any(j.settings.guidance_scale > 0 for j in jobs)
+    sizes = (largest.width, largest.height, min(batch_size, len(jobs)), cfg_on, VAE_TILE if vae_tiling else None,
+             quantize, quantize_text_encoder)
+    if dev.type == "cpu" and dtype in (None, "auto"):
+        dt, why = cpu_dtype(estimate(model, torch.float32, *sizes).peak("none"))
+        log.info("dtype %s: %s", str(dt).removeprefix("torch."), why)
+    needs = estimate(model, dt, *sizes)
     mode, note = choose_offload(needs, dev, dt, offload)
     if note:
         log.info(note)

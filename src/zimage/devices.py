@@ -76,6 +76,40 @@ def pick_dtype(name: str | None, device: torch.device, force: bool) -> torch.dty
     return dtype
 
 
+def native_bf16() -> str | None:
+    """The CPU feature that computes bfloat16 natively (x86 AMX-BF16 or AVX512-BF16, ARM BF16), or None.
+    torch.backends.cpu.get_cpu_capability() stops at 'AVX512', so the kernel's CPU flags are read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    flags = {f for line in text.splitlines() if line.startswith(("flags", "Features")) for f in line.split()}
+    for feature in ("amx_bf16", "avx512_bf16", "bf16"):  # "bf16" is ARM's name in the Features line
+        if feature in flags:
+            return feature
+    if sys.platform == "darwin":  # Apple silicon from M2 on; no /proc there
+        try:
+            import subprocess
+
+            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True)
+            return "FEAT_BF16" if out.stdout.strip() == "1" else None
+        except OSError:
+            return None
+    return None
+
+
+def cpu_dtype(float32_peak: int) -> tuple[torch.dtype, str]:
+    """What `--dtype auto` runs on the CPU, and why: bfloat16 where the CPU computes it natively or where float32
+    (needing `float32_peak` bytes) would not fit in the free memory, else float32."""
+    if feature := native_bf16():
+        return torch.bfloat16, f"the CPU computes bfloat16 natively ({feature}); --dtype float32 for full precision"
+    free = available_bytes(torch.device("cpu"))
+    if float32_peak > free:
+        return torch.bfloat16, (f"float32 would need about {human_bytes(float32_peak)} and {human_bytes(free)} is "
+                                "free")
+    return torch.float32, "this CPU has no native bfloat16"
+
+
 def quantize_problem(fmt: str, device: torch.device) -> str | None:
     """Why weights cannot be quantized to `fmt` on `device` (an unknown name, fp8 without hardware), or None."""
     from .quant import QUANTIZE, fp8_problem
