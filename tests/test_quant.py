@@ -154,3 +154,66 @@ def test_generate_says_which_dtype_auto_picked(tiny, tmp_path, monkeypatch, nati
     assert result.exit_code == 0, result.output
     assert expected in result.output
     assert seen["dtype"] == (torch.bfloat16 if native else torch.float32)
+
+
+# --------------------------------------------------------------------------- ComfyUI fp8 single files
+
+def comfy_fp8_file(tiny, path, per_row: bool = False) -> dict[str, torch.Tensor]:
+    """The tiny transformer as ComfyUI writes scaled-fp8 files: original names under model.diffusion_model.,
+    float8_e4m3fn matrices with a scale_weight each, the scaled_fp8 marker. Returns the dequantized weights."""
+    from safetensors.torch import load_file, save_file
+
+    from zimage.gguf import original_transformer_keys, transformer_keys
+
+    state = original_transformer_keys(load_file(tiny / "transformer" / "diffusion_pytorch_model.safetensors"))
+    out, ref = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}, {}
+    for name, t in state.items():
+        key = f"model.diffusion_model.{name}"
+        if t.ndim == 2 and t.shape[0] > 1:
+            amax = t.abs().amax(dim=1) if per_row else t.abs().amax()
+            scale = (amax / 448).float()
+            q = (t / (scale[:, None] if per_row else scale)).to(torch.float8_e4m3fn)
+            out[key] = q
+            out[key.replace(".weight", ".scale_weight")] = scale
+            out[key.replace(".weight", ".scale_input")] = torch.ones(())  # activation scale, unused weight-only
+            ref[name] = q.float() * (scale[:, None] if per_row else scale)
+        else:
+            out[key] = t.bfloat16()
+            ref[name] = t.bfloat16().float()
+    save_file(out, str(path))
+    return transformer_keys(ref)
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["per-tensor", "per-row"])
+@torch.inference_mode()
+def test_comfyui_scaled_fp8_file_loads_without_upcasting(tiny, tmp_path, per_row):
+    from zimage.gguf import transformer_keys
+    from zimage.quant import install, load_scaled_fp8
+    from zimage.transformer import TransformerConfig, ZImageTransformer
+
+    ref_state = comfy_fp8_file(tiny, tmp_path / "zit_fp8_scaled.safetensors", per_row)
+    cfg = TransformerConfig.from_json(tiny / "transformer" / "config.json")
+    with torch.device("meta"):
+        ours, ref = ZImageTransformer(cfg), ZImageTransformer(cfg)
+    load_scaled_fp8(ours, tmp_path / "zit_fp8_scaled.safetensors", torch.float32, CPU,
+                    lambda t: transformer_keys({k.removeprefix("model.diffusion_model."): v for k, v in t.items()}))
+    install(ref, ref_state)
+    assert ours.layers[0].attention.to_k.weight.dtype == torch.float8_e4m3fn
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 16, 8, 8, generator=gen), torch.rand(1, generator=gen)
+    caps = [torch.randn(7, cfg.cap_feat_dim, generator=gen)]
+    assert rel_err(ours(x, t, caps), ref(x, t, caps)) < 1e-5
+
+
+def test_fp8_weight_without_a_scale_is_an_error(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from zimage.quant import read_scaled_fp8
+    from zimage.weights import WeightsError
+
+    comfy_fp8_file(tiny, tmp_path / "a.safetensors")
+    state = load_file(tmp_path / "a.safetensors")
+    del state["model.diffusion_model.layers.0.feed_forward.w1.scale_weight"]
+    save_file(state, str(tmp_path / "b.safetensors"))
+    with pytest.raises(WeightsError, match="'model.diffusion_model.layers.0.feed_forward.w1.weight' has no scale"):
+        read_scaled_fp8(tmp_path / "b.safetensors")

@@ -44,6 +44,12 @@ class QWeight:
         extra = self.scale.numel() * 4 if self.scale is not None else 0
         return self.data.numel() * self.data.element_size() + extra
 
+    def chunk(self, n: int) -> list["QWeight"]:
+        """Split along the output rows (a fused qkv into q, k, v), scales with their rows."""
+        rows = self.shape[0] // n
+        scales = self.scale.chunk(n) if self.scale is not None else [None] * n
+        return [QWeight(self.fmt, (rows, self.shape[1]), d, sc) for d, sc in zip(self.data.chunk(n), scales)]
+
 
 class QuantLinear(nn.Module):
     """A Linear whose weight stays quantized; each call makes the weight (or, for int8/fp8, the product) in the
@@ -135,11 +141,72 @@ def load_quantized(module: nn.Module, folder: Path, stem: str, dtype: torch.dtyp
     return install(module, read_weights(module, folder, stem, convert, rename))
 
 
-def _fits(value: GGUFTensor, want: tuple[int, ...]) -> bool:
-    if value.shape == want:
-        return True
+SCALE_NAMES = ("scale_weight", "weight_scale")  # ComfyUI's older "scaled fp8" files, and newer ones
+FP8_MARKERS = ("scaled_fp8",)  # an empty tensor that marks a scaled-fp8 file
+FP8_DROPPED = ("scale_input", "input_scale", "comfy_quant")  # activation scales (weight-only here) and metadata
+
+
+def read_scaled_fp8(path: Path) -> dict[str, Tensor | QWeight]:
+    """The tensors of a ComfyUI fp8 safetensors file: each float8_e4m3fn `X.weight` with its `X.scale_weight` or
+    `X.weight_scale` (one per tensor or per row) becomes a QWeight('fp8') kept in fp8; other tensors as stored.
+    Raises WeightsError when an fp8 weight has no scale or the file cannot be read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())
+            tensors = {n: f.get_tensor(n) for n in names if n.rsplit(".", 1)[-1] not in SCALE_NAMES + FP8_DROPPED
+                       and n not in FP8_MARKERS}
+            scales = {n.rsplit(".", 1)[0]: f.get_tensor(n).float() for n in names
+                      if n.rsplit(".", 1)[-1] in SCALE_NAMES}
+    except Exception as e:
+        raise WeightsError(f"{path} could not be read ({' '.join(str(e).split())}); download it again") from None
+    out: dict[str, Tensor | QWeight] = {}
+    for name, t in tensors.items():
+        if t.dtype != FP8 or t.ndim != 2:
+            out[name] = t
+            continue
+        base = name.removesuffix(".weight")
+        if base not in scales:
+            raise WeightsError(f"{path.name}: float8 tensor '{name}' has no scale_weight or weight_scale")
+        scale = scales[base].reshape(-1).expand(t.shape[0]).contiguous() if scales[base].numel() == 1 \
+            else scales[base].reshape(t.shape[0])
+        out[name] = QWeight("fp8", tuple(t.shape), t, scale)
+    return out
+
+
+def load_scaled_fp8(module: nn.Module, path: Path, dtype: torch.dtype, device: torch.device,
+                    to_module_keys: Callable[[dict], dict]) -> nn.Module:
+    """Fill a meta-device module from a ComfyUI fp8 file without upcasting it: Linear weights stay float8 with
+    their scales (dequantized per tensor at load on MPS, which has no float8), everything else in `dtype`."""
+    tensors = to_module_keys(read_scaled_fp8(path))
+    expected, linears = expected_shapes(module), linear_keys(module)
+    check_shapes(path, {k: v.shape for k, v in tensors.items()}, expected)
+    state: dict[str, Tensor | QWeight] = {}
+    for key, value in tensors.items():
+        if isinstance(value, QWeight) and key in linears and device.type != "mps":
+            state[key] = QWeight(value.fmt, value.shape, value.data.to(device), value.scale.to(device))
+        elif isinstance(value, QWeight):
+            state[key] = (value.data.float() * value.scale[:, None]).to(device=device, dtype=dtype)
+        else:
+            state[key] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+    return install(module, state)
+
+
+def check_shapes(path: Path, shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
+                 squeezable: Callable[[str], bool] = lambda key: False) -> None:
+    """Raise WeightsError for the first tensor of `path` the module lacks, whose shape differs (up to dims of 1
+    where `squeezable`), or that the module needs and the file lacks."""
     drop = lambda s: tuple(d for d in s if d != 1)  # noqa: E731  (a (1, dim) token may be stored as (dim,))
-    return not value.quantized and drop(value.shape) == drop(want)
+    for key, shape in shapes.items():
+        if key not in expected:
+            raise WeightsError(f"{path.name}: unexpected tensor '{key}' (not part of the configured model)")
+        if tuple(shape) != expected[key] and not (squeezable(key) and drop(shape) == drop(expected[key])):
+            raise WeightsError(f"{path.name}: tensor '{key}' has shape {list(shape)}, expected {list(expected[key])}")
+    missing = [k for k in expected if k not in shapes]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise WeightsError(f"{path.name}: tensor '{missing[0]}'{more} missing from the file")
 
 
 def load_gguf(module: nn.Module, path: Path, dtype: torch.dtype, device: torch.device,
@@ -168,16 +235,7 @@ def matched_gguf(path: Path, expected: dict[str, tuple[int, ...]],
     WeightsError for the first unexpected, misshapen or missing tensor."""
     _, tensors = read_gguf(path, architectures)
     tensors = to_module_keys(tensors)
-    for key, value in tensors.items():
-        if key not in expected:
-            raise WeightsError(f"{path.name}: unexpected tensor '{key}' (not part of the configured model)")
-        if not _fits(value, expected[key]):
-            raise WeightsError(f"{path.name}: tensor '{key}' has shape {list(value.shape)}, "
-                               f"expected {list(expected[key])}")
-    missing = [k for k in expected if k not in tensors]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise WeightsError(f"{path.name}: tensor '{missing[0]}'{more} missing from the file")
+    check_shapes(path, {k: t.shape for k, t in tensors.items()}, expected, lambda k: not tensors[k].quantized)
     return tensors
 
 
