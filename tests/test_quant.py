@@ -217,3 +217,22 @@ def test_fp8_weight_without_a_scale_is_an_error(tiny, tmp_path):
     save_file(state, str(tmp_path / "b.safetensors"))
     with pytest.raises(WeightsError, match="'model.diffusion_model.layers.0.feed_forward.w1.weight' has no scale"):
         read_scaled_fp8(tmp_path / "b.safetensors")
+
+
+# ------------------------------------------------------------------------ on a GPU: scripts/gpu_check.sh
+
+@pytest.mark.cuda
+def test_gpu_fp8_and_int8_transformers_are_close_to_bfloat16(tiny):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cuda = torch.device("cuda")
+    ref = load_transformer(tiny, cuda, torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 16, 8, 8, generator=gen).to(cuda), torch.rand(1, generator=gen).to(cuda)
+    caps = [torch.randn(7, ref.cfg.cap_feat_dim, generator=gen).to(cuda)]
+    with torch.inference_mode():
+        expected = ref(x, t, caps)
+        formats = ["int8"] + (["fp8"] if torch.cuda.get_device_capability() >= (8, 9) else [])
+        for fmt in formats:
+            model = load_transformer(tiny, cuda, torch.bfloat16, quantize=fmt)
+            assert rel_err(model(x, t, caps), expected) < (3e-2 if fmt == "int8" else 1e-1)
