@@ -408,3 +408,37 @@ def test_gpu_gguf_image_matches_cpu(base96, tmp_path):
     cpu = image(quantized, tmp_path / "cpu.png", "--cpu", "--dtype", "float32")
     gpu = image(quantized, tmp_path / "gpu.png", "--dtype", "float32", "--offload", "sequential")
     assert np.abs(cpu - gpu).max() <= 2
+
+
+@torch.inference_mode()
+def test_tensor_regrouped_with_orig_shape_is_read_in_its_shape(base96, tmp_path):
+    """ComfyUI-GGUF's converter may regroup a matrix into rows of 256 (for K types) and record
+    comfy.gguf.orig_shape.NAME; such a tensor is dequantized into its recorded shape."""
+    from zimage.pipeline import load_transformer
+
+    model = tmp_path / "model"
+    shutil.copytree(base96, model)
+    (model / TRANSFORMER_FILE).unlink()
+    state = original_transformer_keys(load_file(base96 / TRANSFORMER_FILE))
+    writer = GGUFWriter(str(model / "transformer" / "model.gguf"), "lumina2")
+    ref = {}
+    for name, t in state.items():
+        arr = t.float().numpy()
+        if name == "layers.0.feed_forward.w1.weight":  # (256, 96): regrouped as (96, 256) to take Q4_K blocks
+            raw = k_blocks(arr.reshape(-1, 256), Q.Q4_K, 0)
+            writer.add_array(f"comfy.gguf.orig_shape.{name}", list(arr.shape))
+            writer.add_tensor(name, raw, raw_dtype=Q.Q4_K)
+            ref[name] = torch.from_numpy(quants.dequantize(raw, Q.Q4_K).copy()).reshape(t.shape)
+        else:
+            writer.add_tensor(name, arr)
+            ref[name] = t.float()
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+    dequantized = tmp_path / "dequantized"
+    shutil.copytree(base96, dequantized)
+    save_weights(transformer_keys(ref), dequantized / "transformer", WEIGHT_STEMS["transformer"])
+    ours, expected = (load_transformer(m, torch.device("cpu"), torch.float32) for m in (model, dequantized))
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 16, 8, 8, generator=gen), torch.rand(1, generator=gen)
+    caps = [torch.randn(7, ours.cfg.cap_feat_dim, generator=gen)]
+    assert torch.equal(ours(x, t, caps), expected(x, t, caps))

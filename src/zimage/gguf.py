@@ -6,6 +6,7 @@ torch ops, so it runs on CPU, CUDA and MPS alike (no float64, no uint32 arithmet
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from .weights import WeightsError
 
 QK_K = 256
 FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+FLOAT32 = Q.F32
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class GGUFTensor:
     qtype: Q
     shape: tuple[int, ...]
     data: Tensor
+    rows_kept: bool = True  # False when the writer regrouped the values into other rows (ComfyUI's orig_shape)
 
     @property
     def quantized(self) -> bool:
@@ -44,6 +47,8 @@ class GGUFTensor:
         if self.shape[0] % n:
             raise WeightsError(f"cannot split {self.shape[0]} rows into {n} equal parts")
         rows = self.shape[0] // n
+        if not self.rows_kept:
+            return [GGUFTensor(FLOAT32, (rows, *self.shape[1:]), d) for d in self.dequantize().chunk(n, dim=0)]
         return [GGUFTensor(self.qtype, (rows, *self.shape[1:]), d) for d in self.data.chunk(n, dim=0)]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -213,12 +218,26 @@ def read_gguf(path: Path, architectures: tuple[str, ...] | None = None) -> tuple
         if t.tensor_type not in SUPPORTED:
             raise WeightsError(f"{path}: tensor '{t.name}' has type {t.tensor_type.name}, which zimage cannot read "
                                f"(supported: {', '.join(sorted(q.name for q in SUPPORTED))})")
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        stored = tuple(int(d) for d in reversed(t.shape.tolist()))
+        shape = _orig_shape(reader, t.name) or stored
         data = _as_tensor(t.data)
         if t.tensor_type == Q.BF16:  # gguf-py hands bfloat16 over as raw bytes
-            data = data.view(torch.bfloat16).reshape(shape)
-        out[t.name] = GGUFTensor(Q(t.tensor_type), shape, data)
+            data = data.view(torch.bfloat16).reshape(stored)
+        if math.prod(shape) != math.prod(stored):
+            raise WeightsError(f"{path}: tensor '{t.name}' has {math.prod(stored)} values, its recorded original "
+                               f"shape {list(shape)} has {math.prod(shape)}")
+        out[t.name] = GGUFTensor(Q(t.tensor_type), shape, data, rows_kept=shape == stored)
     return arch, out
+
+
+def _orig_shape(reader: GGUFReader, name: str) -> tuple[int, ...] | None:
+    """The shape ComfyUI-GGUF's converter recorded for a tensor it regrouped into rows of 256 (`shape_fix`)."""
+    field = reader.fields.get(f"comfy.gguf.orig_shape.{name}")
+    if field is None:
+        return None
+    return tuple(int(field.parts[i][0]) for i in field.data)
+
+
 
 
 # Original / ComfyUI transformer names -> ours (diffusers' convert_z_image_transformer_checkpoint_to_diffusers).

@@ -221,7 +221,7 @@ def load_gguf(module: nn.Module, path: Path, dtype: torch.dtype, device: torch.d
     state: dict[str, Tensor | QWeight] = {}
     for key, value in tensors.items():
         keep = value.quantized or value.data.element_size() < size
-        if key in linears and keep:
+        if key in linears and keep and value.rows_kept:
             state[key] = QWeight(value.qtype.name, value.shape, value.data.to(device))
         else:
             state[key] = value.dequantize(dtype).reshape(expected[key]).to(device)
