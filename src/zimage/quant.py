@@ -127,12 +127,16 @@ def install(module: nn.Module, state: dict[str, Tensor | QWeight]) -> nn.Module:
 
 
 def load_quantized(module: nn.Module, folder: Path, stem: str, dtype: torch.dtype, device: torch.device, fmt: str,
-                   rename: Callable[[str], str | None] = lambda k: k) -> nn.Module:
+                   rename: Callable[[str], str | None] = lambda k: k,
+                   patch: Callable[[str, Tensor], Tensor] | None = None) -> nn.Module:
     """Like weights.load_weights, quantizing every Linear weight to `fmt` the moment it is read (on `device`, so a
-    GPU does the rounding), so the unquantized model never exists."""
+    GPU does the rounding), so the unquantized model never exists. `patch(key, weight)` (a LoRA merge) changes a
+    weight before it is quantized."""
     quantize, linears = QUANTIZERS[fmt], linear_keys(module)
 
     def convert(key: str, t: Tensor) -> Tensor | QWeight:
+        if patch is not None:
+            t = patch(key, t)
         if key in linears:
             return quantize(t.to(device))
         return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
