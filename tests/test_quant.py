@@ -236,3 +236,17 @@ def test_gpu_fp8_and_int8_transformers_are_close_to_bfloat16(tiny):
         for fmt in formats:
             model = load_transformer(tiny, cuda, torch.bfloat16, quantize=fmt)
             assert rel_err(model(x, t, caps), expected) < (5e-2 if fmt == "int8" else 1.5e-1)  # measured on CPU: 2e-2, 8e-2
+
+
+def test_patch_changes_weights_before_they_are_quantized(tiny):
+    """Where a LoRA merge goes on --quantize: into the float weight, which is then quantized."""
+    from zimage.quant import load_quantized
+    from zimage.transformer import TransformerConfig, ZImageTransformer
+
+    key = "layers.0.feed_forward.w1.weight"
+    with torch.device("meta"):
+        model = ZImageTransformer(TransformerConfig.from_json(tiny / "transformer" / "config.json"))
+    load_quantized(model, tiny / "transformer", "diffusion_pytorch_model", torch.float32, CPU, "int8",
+                   patch=lambda k, w: w * 0 + 0.5 if k == key else w)
+    assert (model.layers[0].feed_forward.w1.weight == 127).all()
+    assert torch.allclose(model.layers[0].feed_forward.w1.weight_scale, torch.full((1,), 0.5 / 127))
