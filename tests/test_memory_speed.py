@@ -22,7 +22,7 @@ CPU = torch.device("cpu")
 def generate(tiny, out, *extra):
     result = CliRunner().invoke(app, ["generate", "--model-path", str(tiny), "--prompt", "a quiet harbour at dusk",
                                       "--width", "96", "--height", "64", "--seed", "11", "--negative-prompt", "fog",
-                                      "--output", str(out), "-q", *extra])
+                                      "--output", str(out), "-q", "--dtype", "float32", *extra])
     assert result.exit_code == 0, result.output
     return np.asarray(Image.open(out).convert("RGB")).astype(int)
 

@@ -250,3 +250,16 @@ def test_patch_changes_weights_before_they_are_quantized(tiny):
                    patch=lambda k, w: w * 0 + 0.5 if k == key else w)
     assert (model.layers[0].feed_forward.w1.weight == 127).all()
     assert torch.allclose(model.layers[0].feed_forward.w1.weight_scale, torch.full((1,), 0.5 / 127))
+
+
+def test_cpu_auto_dtype_is_bfloat16_when_float32_would_not_fit(tiny, tmp_path, monkeypatch):
+    import zimage.devices as devices
+
+    f32, bf16 = (devices.estimate(tiny, d, 64, 64, 1, False).peak("none") for d in (torch.float32, torch.bfloat16))
+    monkeypatch.setattr(devices, "native_bf16", lambda: None)
+    monkeypatch.setattr(devices, "available_bytes", lambda device: (f32 + bf16) // 2)
+    out = tmp_path / "x.png"
+    result = CliRunner().invoke(app, ["generate", "--model-path", str(tiny), "-o", str(out), "--width", "64",
+                                      "--height", "64", "--num-steps", "1", "--cpu", "-p", "a cat"])
+    assert result.exit_code == 0, result.output
+    assert "dtype bfloat16: float32 would need about" in result.output and out.is_file()
