@@ -165,8 +165,9 @@ def test_check_reads_headers_only(tiny, monkeypatch):
         raise AssertionError("check loaded weights")
 
     monkeypatch.setattr(zimage.weights, "safe_open", HeaderOnly)
-    for mod in (zimage.weights, zimage.pipeline, zimage.text_encoder):
-        monkeypatch.setattr(mod, "load_weights", no_loading)
+    for mod, name in ((zimage.weights, "load_weights"), (zimage.weights, "load_pieces"),
+                      (zimage.pipeline, "load_pieces"), (zimage.text_encoder, "load_pieces")):
+        monkeypatch.setattr(mod, name, no_loading)
     result = check(tiny)
     assert result.exit_code == 0, result.output
     assert "AssertionError" not in result.output

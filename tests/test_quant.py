@@ -240,13 +240,15 @@ def test_gpu_fp8_and_int8_transformers_are_close_to_bfloat16(tiny):
 
 def test_patch_changes_weights_before_they_are_quantized(tiny):
     """Where a LoRA merge goes on --quantize: into the float weight, which is then quantized."""
+    from zimage.modelfiles import ModelFiles, component
     from zimage.quant import load_quantized
-    from zimage.transformer import TransformerConfig, ZImageTransformer
+    from zimage.transformer import ZImageTransformer
 
     key = "layers.0.feed_forward.w1.weight"
+    comp = component(ModelFiles(folder=tiny), "transformer")
     with torch.device("meta"):
-        model = ZImageTransformer(TransformerConfig.from_json(tiny / "transformer" / "config.json"))
-    load_quantized(model, tiny / "transformer", "diffusion_pytorch_model", torch.float32, CPU, "int8",
+        model = ZImageTransformer(comp.config)
+    load_quantized(model, comp.header, comp.pieces, torch.float32, CPU, "int8",
                    patch=lambda k, w: w * 0 + 0.5 if k == key else w)
     assert (model.layers[0].feed_forward.w1.weight == 127).all()
     assert torch.allclose(model.layers[0].feed_forward.w1.weight_scale, torch.full((1,), 0.5 / 127))

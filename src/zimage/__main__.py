@@ -1,5 +1,11 @@
 """`python -m zimage`: the same as the `zimage` command."""
 
-from .cli import main
+import sys
+
+try:
+    from .cli import main
+except KeyboardInterrupt:  # Ctrl-C while Python imports the command line itself: one line, as later
+    sys.stderr.write("interrupted\n")
+    sys.exit(130)
 
 main()

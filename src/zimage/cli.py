@@ -13,10 +13,11 @@ from typing import Iterator, List, Optional
 
 import typer
 
-from .clihelp import Command, Group
+from .clihelp import EXIT_INTERRUPTED, Command, Group
 from .errors import MissingFileError, NonFiniteImage, NonFiniteLatents, OutOfMemory, UsageError, WeightsError
 from .jobs import Job, Settings
 from .layout import DEFAULT_MODEL
+from .published import REPO_ID
 from .planning import plan
 
 # torch, transformers, numpy and PIL are imported inside the functions that need them: `--help` and usage errors
@@ -27,7 +28,7 @@ app = typer.Typer(cls=Group, add_completion=False, no_args_is_help=True, pretty_
 log = logging.getLogger("zimage")
 
 DEFAULT_OUTPUT = "z_image_output.png"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 VAE_TILE = 64  # latent pixels (512 px) per tile with --vae-tiling
 PROMPTS, IMAGE, SAMPLING, OUTPUT = "Prompts", "Image", "Sampling", "Output"
 MODEL_FILES, DEVICE, BATCH = "Model files", "Device and memory", "Batch"
@@ -165,7 +166,19 @@ def generate(
                                     "stdout but --json records."),
     debug: bool = typer.Option(False, "--debug", rich_help_panel=OUTPUT, help="Show full tracebacks."),
     model_path: Path = typer.Option(DEFAULT_MODEL, "--model-path", metavar="DIR", rich_help_panel=MODEL_FILES,
-                                    help="Checkpoint folder in the published layout."),
+                                    help="Checkpoint folder in the published layout, or org/name of a model in the "
+                                         f"Hugging Face cache (by default, {REPO_ID} there when the folder is absent)."),
+    transformer: Optional[Path] = typer.Option(None, "--transformer", metavar="FILE", rich_help_panel=MODEL_FILES,
+                                               help="Transformer from one safetensors file (original/ComfyUI or "
+                                                    "diffusers names)."),
+    text_encoder: Optional[Path] = typer.Option(None, "--text-encoder", metavar="FILE", rich_help_panel=MODEL_FILES,
+                                                help="Qwen3 text encoder from one safetensors file (as ComfyUI "
+                                                     "ships it)."),
+    vae: Optional[Path] = typer.Option(None, "--vae", metavar="FILE", rich_help_panel=MODEL_FILES,
+                                       help="VAE from one safetensors file (Flux ae.safetensors or diffusers names)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", metavar="DIR", rich_help_panel=MODEL_FILES,
+                                             show_default="the model folder's tokenizer/",
+                                             help="Tokenizer folder, or org/name in the Hugging Face cache."),
     cpu: bool = typer.Option(False, "--cpu", rich_help_panel=DEVICE, help="Use the CPU (same as --device cpu)."),
     device: str = typer.Option("auto", "--device", rich_help_panel=DEVICE,
                                help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."),
@@ -205,7 +218,9 @@ def generate(
                          guidance_scale=guidance_scale, cfg_normalization=cfg_normalization,
                          cfg_truncation=cfg_truncation, seed=seed)
         jobs, skipped, model, random_seed = plan(prompt, prompts_file, from_png, given(ctx, model_path=model_path)
-                                                 ["model_path"], output, num_images, overwrite, settings)
+                                                 ["model_path"], output, num_images, overwrite, settings,
+                                                 dict(transformer=transformer, text_encoder=text_encoder, vae=vae,
+                                                      tokenizer=tokenizer))
         opts = runtime_options(model, jobs, batch_size, cpu, device, dtype, force, offload, compile_, vae_tiling,
                                vae_dtype, quiet, overwrite, quantize, quantize_text_encoder)
         for message in skipped:
@@ -216,11 +231,12 @@ def generate(
     raise typer.Exit(EXIT_OK if not failed and not skipped else EXIT_FAILED)
 
 
-def runtime_options(model: Path, jobs: list[Job], batch_size: int, cpu: bool, device: str,
+def runtime_options(model, jobs: list[Job], batch_size: int, cpu: bool, device: str,
                     dtype: Optional[str], force: bool, offload: Optional[str], compile_: bool, vae_tiling: bool,
                     vae_dtype: Optional[str], quiet: bool, overwrite: bool, quantize: str = "none",
                     quantize_text_encoder: str = "none"):
-    """Device, dtype and offload mode for the run, after checking that its largest batch fits in memory."""
+    """Device, dtype and offload mode for the run, after checking that its largest batch fits in memory. `model`
+    is the run's ModelFiles."""
     import torch
 
     from .devices import choose_offload, cpu_dtype, estimate, pick_device, pick_dtype, quantize_problem
@@ -235,13 +251,13 @@ def runtime_options(model: Path, jobs: list[Job], batch_size: int, cpu: bool, de
         if problem := quantize_problem(value, dev):
             raise UsageError(f"{flag} {value}: {problem}")
     if offload in ("model", "sequential") and dev.type != "cuda":
-        log.warning("warning: --offload %s does nothing on %s (the weights already live in the memory it computes "
-                    "from); running without offload", offload, dev.type)
-        offload = "none"
+        log.warning("warning: --offload %s saves no memory on %s: the weights already live in the memory it computes "
+                    "from, so offloading only adds copies (same image, slower)", offload, dev.type)
     dt = pick_dtype(dtype, dev, force)
     vae_dt = None if vae_dtype in (None, "auto") else pick_dtype(vae_dtype, dev, force)
     if not jobs:
-        return Options(model, dev, dt, quantize=quantize, quantize_text_encoder=quantize_text_encoder)
+        return Options(model.folder, dev, dt, files=model, quantize=quantize,
+                       quantize_text_encoder=quantize_text_encoder)
     largest = max(jobs, key=lambda j: j.settings.width * j.settings.height).settings
     cfg_on = any(j.settings.guidance_scale > 0 for j in jobs)
     sizes = (largest.width, largest.height, min(batch_size, len(jobs)), cfg_on, VAE_TILE if vae_tiling else None,
@@ -254,8 +270,8 @@ def runtime_options(model: Path, jobs: list[Job], batch_size: int, cpu: bool, de
     if note:
         log.info(note)
     log.info("device %s, %s, offload %s; %d image(s)", dev, str(dt).removeprefix("torch."), mode, len(jobs))
-    return Options(model, dev, dt, mode, compile_, VAE_TILE if vae_tiling else None, vae_dt, not quiet,
-                   overwrite, quantize, quantize_text_encoder)
+    return Options(model.folder, dev, dt, mode, compile_, VAE_TILE if vae_tiling else None, vae_dt, not quiet,
+                   overwrite, files=model, quantize=quantize, quantize_text_encoder=quantize_text_encoder)
 
 
 def run_jobs(opts, jobs: list[Job], batch_size: int, json_out: bool) -> list[str]:
@@ -310,19 +326,36 @@ def check(
     folder: Path = typer.Argument(DEFAULT_MODEL, metavar="DIR", help="Checkpoint folder to verify."),
     model_path: Optional[Path] = typer.Option(None, "--model-path", metavar="DIR", show_default=False,
                                               help="The same as DIR (the spelling `generate` uses)."),
+    transformer: Optional[Path] = typer.Option(None, "--transformer", metavar="FILE", rich_help_panel=MODEL_FILES,
+                                               help="Check this single transformer file instead of the folder's."),
+    text_encoder: Optional[Path] = typer.Option(None, "--text-encoder", metavar="FILE", rich_help_panel=MODEL_FILES,
+                                                help="Check this single text encoder file instead of the folder's."),
+    vae: Optional[Path] = typer.Option(None, "--vae", metavar="FILE", rich_help_panel=MODEL_FILES,
+                                       help="Check this single VAE file instead of the folder's."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", metavar="DIR", rich_help_panel=MODEL_FILES,
+                                             help="Check this tokenizer folder instead of the folder's."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Verify a checkpoint folder: layout, configs, index entries, safetensors headers and tensor shapes."""
+    """Verify a checkpoint folder (or org/name in the Hugging Face cache) and single files: layout, configs, index
+    entries, safetensors headers, tensor names and shapes."""
     from dataclasses import asdict
 
-    from .check import check_model
+    from .check import check_sources
+    from .hub import resolve_model_path
+    from .modelfiles import sources
 
     folder_given = given(ctx, folder=folder)["folder"]
     if folder_given and model_path and folder_given != model_path:
         err(f"error: two folders given ({folder} and --model-path {model_path}); give one")
         raise typer.Exit(EXIT_USAGE)
-    model_path = (model_path or folder).expanduser()
-    reports = check_model(model_path)
+    named = model_path or folder_given
+    try:
+        model_path = resolve_model_path(None if named is None else str(named.expanduser()), DEFAULT_MODEL)
+        files = sources(model_path, named is not None, transformer, text_encoder, vae, tokenizer)
+    except (UsageError, MissingFileError) as e:
+        err(f"error: {e}")
+        raise typer.Exit(EXIT_USAGE)
+    reports = check_sources(files)
     ok = all(r.ok for r in reports)
     if json_out:
         typer.echo(json.dumps({"ok": ok, "model_path": str(model_path), "components": [asdict(r) for r in reports]}))

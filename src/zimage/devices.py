@@ -13,9 +13,10 @@ import sys
 import psutil
 import torch
 
-from .jobs import UsageError
-from .transformer import TransformerConfig
-from .weights import WEIGHT_STEMS, checkpoint_header, find_gguf, human_bytes
+from .errors import UsageError
+from .modelfiles import ModelFiles, component, weights_header
+from .singlefile import strip_prefix
+from .weights import TensorInfo, human_bytes
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16}
@@ -150,24 +151,22 @@ class Needs:
         return max(self.text_encoder, self.transformer + self.vae)
 
 
-def weight_bytes(folder: Path, stem: str, dtype: torch.dtype, quantize: str = "none") -> tuple[int, int]:
+def weight_bytes(header: dict[str, tuple[Path, TensorInfo]], dtype: torch.dtype,
+                 quantize: str = "none") -> tuple[int, int]:
     """(bytes of all tensors in `dtype`, bytes of the largest transformer-block group) from the file headers;
-    quantized weights (a GGUF file, or `quantize` int8/fp8 for the matrices) count as they are held."""
+    quantized weights (GGUF blocks, or the matrices under `quantize` int8/fp8) count as they are held."""
     size = torch.tensor([], dtype=dtype).element_size()
-    if (gguf := find_gguf(folder, stem)) is not None:
-        from .gguf import held_bytes
-
-        sizes = held_bytes(gguf, size)
-    else:
-        sizes = {name: info.numel * (1 if quantize != "none" and len(info.shape) == 2 and info.shape[0] > 1 else size)
-                 for name, (_, info) in checkpoint_header(folder, stem).items()}
     per_block: dict[str, int] = {}
-    for name, n in sizes.items():
-        parts = name.removeprefix("model.diffusion_model.").removeprefix("model.").split(".")
+    total = 0
+    for name, (_, info) in header.items():
+        matrix = quantize != "none" and len(info.shape) == 2 and info.shape[0] > 1
+        n = info.stored if info.stored is not None else info.numel * (1 if matrix else size)
+        total += n
+        parts = strip_prefix(name, ("model.diffusion_model.", "diffusion_model.", "model.")).split(".")
         if len(parts) > 2 and parts[0] in ("layers", "noise_refiner", "context_refiner"):
             key = ".".join(parts[:2])
             per_block[key] = per_block.get(key, 0) + n
-    return sum(sizes.values()), max(per_block.values(), default=0)
+    return total, max(per_block.values(), default=0)
 
 
 def decode_work(batch: int, width: int, height: int, tile: int | None, scale: int = 8) -> int:
@@ -182,12 +181,14 @@ def decode_work(batch: int, width: int, height: int, tile: int | None, scale: in
     return batch * 128 * side_h * side_w * 4 * 6 + blend + mid
 
 
-def estimate(model_path: Path, dtype: torch.dtype, width: int, height: int, batch: int, cfg_on: bool,
+def estimate(source: ModelFiles | Path, dtype: torch.dtype, width: int, height: int, batch: int, cfg_on: bool,
              vae_tile: int | None = None, quantize: str = "none", quantize_text_encoder: str = "none") -> Needs:
-    te, _ = weight_bytes(model_path / "text_encoder", WEIGHT_STEMS["text_encoder"], dtype, quantize_text_encoder)
-    tr, block = weight_bytes(model_path / "transformer", WEIGHT_STEMS["transformer"], dtype, quantize)
-    vae, _ = weight_bytes(model_path / "vae", WEIGHT_STEMS["vae"], torch.float32)
-    tcfg = TransformerConfig.from_json(model_path / "transformer" / "config.json")
+    """What a run needs, from the file headers and the transformer config of a folder or a run's ModelFiles."""
+    files = ModelFiles.of(source)
+    te, _ = weight_bytes(weights_header(files, "text_encoder"), dtype, quantize_text_encoder)
+    tr, block = weight_bytes(weights_header(files, "transformer"), dtype, quantize)
+    vae, _ = weight_bytes(weights_header(files, "vae"), torch.float32)
+    tcfg = component(files, "transformer").config
     rows = batch * (2 if cfg_on else 1)
     tokens = (height // 16) * (width // 16) + 512
     elem = torch.tensor([], dtype=dtype).element_size()

@@ -17,7 +17,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFReader
 from torch import Tensor
 
-from .weights import WeightsError
+from .weights import Piece, TensorInfo, WeightsError
 
 QK_K = 256
 FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
@@ -240,35 +240,43 @@ def _orig_shape(reader: GGUFReader, name: str) -> tuple[int, ...] | None:
 
 
 
-# Original / ComfyUI transformer names -> ours (diffusers' convert_z_image_transformer_checkpoint_to_diffusers).
-# Used until singlefile.py (the single-file loader) provides the shared mapping.
+# Original / ComfyUI transformer names, for writing files in that layout (singlefile.py maps them to ours).
 TRANSFORMER_RENAMES = (("final_layer.", "all_final_layer.2-1."), ("x_embedder.", "all_x_embedder.2-1."),
                        (".attention.out.", ".attention.to_out.0."), (".attention.k_norm.", ".attention.norm_k."),
                        (".attention.q_norm.", ".attention.norm_q."))
+ARCHITECTURES = {"transformer": "lumina2", "text_encoder": "qwen3"}
 
 
-def transformer_keys(tensors: dict[str, GGUFTensor]) -> dict[str, GGUFTensor]:
-    """Tensors under our transformer keys: prefix dropped, renamed, fused attention.qkv split into to_q/k/v."""
-    out: dict[str, GGUFTensor] = {}
-    for name, t in tensors.items():
-        key = name.removeprefix("model.diffusion_model.")
-        if key == "norm_final.weight":  # an unused leftover in some exports; diffusers drops it too
-            continue
-        for old, new in TRANSFORMER_RENAMES:
-            key = key.replace(old, new)
-        if key.endswith(".attention.qkv.weight"):
-            for part, piece in zip(("to_q", "to_k", "to_v"), t.chunk(3)):
-                out[key.replace(".qkv.", f".{part}.")] = piece
-        else:
-            out[key] = t
-    return out
+def gguf_header(path: Path, component: str) -> dict[str, tuple[Path, TensorInfo]]:
+    """The tensors of a GGUF file holding `component` as weights.checkpoint_header gives them for safetensors:
+    dtype the ggml type name, logical shape, bytes as stored (reads the header, no tensor data)."""
+    if component not in ARCHITECTURES:
+        raise WeightsError(f"{path}: zimage reads GGUF files for the transformer and the text encoder only")
+    _, tensors = read_gguf(path, (ARCHITECTURES[component],))
+    return {name: (path, TensorInfo(t.qtype.name, t.shape, t.nbytes if t.quantized else None))
+            for name, t in tensors.items()}
 
 
-def held_bytes(path: Path, float_size: int) -> dict[str, int]:
-    """Bytes each tensor of a GGUF file takes once loaded: quantized ones as stored, float ones at `float_size`
-    bytes per value (reads only the header)."""
-    _, tensors = read_gguf(path)
-    return {name: t.nbytes if t.quantized else t.data.numel() * float_size for name, t in tensors.items()}
+def pieces_of(component: str) -> Callable[[str], dict[str, Piece]]:
+    """Our module key(s) for one tensor name of a GGUF file holding `component`."""
+    if component == "transformer":
+        from .singlefile import transformer_pieces_of
+
+        return transformer_pieces_of
+    return llama_cpp_pieces_of
+
+
+def by_pieces(tensors: dict, pieces: dict[str, Piece]) -> dict:
+    """Module key -> tensor (or GGUFTensor, QWeight: anything with chunk) for each piece, slices split off."""
+    return {key: tensors[p.name].chunk(p.parts)[p.part] if p.parts > 1 else tensors[p.name]
+            for key, p in pieces.items()}
+
+
+def transformer_keys(tensors: dict) -> dict:
+    """Tensors of an original/ComfyUI transformer file under our keys (fused qkv split), via singlefile's mapping."""
+    from .singlefile import transformer_pieces_of
+
+    return by_pieces(tensors, {k: p for name in tensors for k, p in transformer_pieces_of(name).items()})
 
 
 def original_transformer_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -296,26 +304,15 @@ QWEN3_LAYER_NAMES = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj
                      "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
                      "attn_k_norm": "self_attn.k_norm", "ffn_norm": "post_attention_layernorm",
                      "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+QWEN3_NAMES = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight"}
 
 
-def text_encoder_keys(n_layers_used: int) -> Callable[[dict[str, GGUFTensor]], dict[str, GGUFTensor]]:
-    """Tensors of a llama.cpp Qwen3 GGUF under Qwen3Model keys, dropping what Z-Image never runs (the output
-    norm and head, layers from `n_layers_used` on)."""
-
-    def convert(tensors: dict[str, GGUFTensor]) -> dict[str, GGUFTensor]:
-        out = {}
-        for name, t in tensors.items():
-            if name == "token_embd.weight":
-                out["embed_tokens.weight"] = t
-                continue
-            parts = name.split(".")
-            if parts[0] != "blk" or len(parts) != 4:
-                if name.startswith(("output.", "output_norm.", "rope_freqs.")):
-                    continue
-                out[name] = t  # reported as unexpected by the caller
-                continue
-            if int(parts[1]) < n_layers_used:
-                out[f"layers.{parts[1]}.{QWEN3_LAYER_NAMES.get(parts[2], parts[2])}.{parts[3]}"] = t
-        return out
-
-    return convert
+def llama_cpp_pieces_of(name: str) -> dict[str, Piece]:
+    """Our (Qwen3Model) key for one tensor of a llama.cpp Qwen3 GGUF; the output head (tied to the embeddings
+    in Qwen3-4B) and rope tables are not used."""
+    if name in QWEN3_NAMES:
+        return {QWEN3_NAMES[name]: Piece(name)}
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in QWEN3_LAYER_NAMES:
+        return {f"layers.{parts[1]}.{QWEN3_LAYER_NAMES[parts[2]]}.{parts[3]}": Piece(name)}
+    return {} if name.startswith(("output.", "rope_freqs.")) else {name: Piece(name)}

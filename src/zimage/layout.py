@@ -7,7 +7,8 @@ from pathlib import Path
 from .errors import MissingFileError, UsageError
 
 DEFAULT_MODEL = Path("weights/Z-Image-Turbo")
-DOWNLOAD_HINT = "huggingface-cli download Tongyi-MAI/Z-Image-Turbo --local-dir weights/Z-Image-Turbo"
+# huggingface_hub 1.0 replaced the huggingface-cli command with hf
+DOWNLOAD_HINT = "hf download Tongyi-MAI/Z-Image-Turbo --local-dir weights/Z-Image-Turbo"
 
 
 def is_default(model_path: Path) -> bool:

@@ -15,9 +15,10 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from torch import Tensor, nn
 
-from .gguf import GGUFTensor, dequantize, read_gguf
+from .gguf import by_pieces, dequantize, read_gguf
 from .transformer import linear
-from .weights import WeightsError, expected_shapes, human_bytes, read_weights
+from .weights import (Piece, TensorInfo, WeightsError, expected_shapes, human_bytes, load_pieces,
+                      read_pieces)
 
 QUANTIZE = ("none", "int8", "fp8")
 FP8 = torch.float8_e4m3fn
@@ -126,10 +127,10 @@ def install(module: nn.Module, state: dict[str, Tensor | QWeight]) -> nn.Module:
     return module.requires_grad_(False).eval()
 
 
-def load_quantized(module: nn.Module, folder: Path, stem: str, dtype: torch.dtype, device: torch.device, fmt: str,
-                   rename: Callable[[str], str | None] = lambda k: k,
+def load_quantized(module: nn.Module, header: dict[str, tuple[Path, TensorInfo]], pieces: dict[str, Piece],
+                   dtype: torch.dtype, device: torch.device, fmt: str,
                    patch: Callable[[str, Tensor], Tensor] | None = None) -> nn.Module:
-    """Like weights.load_weights, quantizing every Linear weight to `fmt` the moment it is read (on `device`, so a
+    """Like weights.load_pieces, quantizing every Linear weight to `fmt` the moment it is read (on `device`, so a
     GPU does the rounding), so the unquantized model never exists. `patch(key, weight)` (a LoRA merge) changes a
     weight before it is quantized."""
     quantize, linears = QUANTIZERS[fmt], linear_keys(module)
@@ -141,7 +142,20 @@ def load_quantized(module: nn.Module, folder: Path, stem: str, dtype: torch.dtyp
             return quantize(t.to(device))
         return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
-    return install(module, read_weights(module, folder, stem, convert, rename))
+    return install(module, read_pieces(header, pieces, convert))
+
+
+def load_weights_of(module: nn.Module, comp, dtype: torch.dtype, device: torch.device,
+                    quantize: str = "none") -> nn.Module:
+    """Fill a meta-device module from a checked modelfiles.Component (only the pieces of keys `module` has): from
+    its GGUF file kept quantized, quantized to `quantize` while reading, or plainly in `dtype`."""
+    used = expected_shapes(module)
+    pieces = {k: p for k, p in comp.pieces.items() if k in used}
+    if comp.where.suffix.lower() == ".gguf":
+        return load_gguf(module, comp.where, pieces, dtype, device)
+    if quantize != "none":
+        return load_quantized(module, comp.header, pieces, dtype, device, quantize)
+    return load_pieces(module, comp.header, pieces, dtype, device)
 
 
 SCALE_NAMES = ("scale_weight", "weight_scale")  # ComfyUI's older "scaled fp8" files, and newer ones
@@ -212,34 +226,22 @@ def check_shapes(path: Path, shapes: dict[str, tuple[int, ...]], expected: dict[
         raise WeightsError(f"{path.name}: tensor '{missing[0]}'{more} missing from the file")
 
 
-def load_gguf(module: nn.Module, path: Path, dtype: torch.dtype, device: torch.device,
-              to_module_keys: Callable[[dict[str, GGUFTensor]], dict[str, GGUFTensor]],
-              architectures: tuple[str, ...]) -> nn.Module:
-    """Fill a meta-device module from a GGUF file: quantized Linear weights stay quantized (moved to `device`),
-    float Linear weights are kept as stored when that is smaller than `dtype`, every other tensor is dequantized
-    to `dtype`. `to_module_keys` renames (and splits) the file's tensors into `module`'s keys."""
+def load_gguf(module: nn.Module, path: Path, pieces: dict[str, Piece], dtype: torch.dtype,
+              device: torch.device) -> nn.Module:
+    """Fill a meta-device module from a GGUF file whose tensors `pieces` maps (checked by match_pieces) onto its
+    keys: quantized Linear weights stay quantized (moved to `device`), float Linear weights are kept as stored when
+    that is smaller than `dtype`, every other tensor is dequantized to `dtype`."""
+    _, tensors = read_gguf(path)
     expected, linears = expected_shapes(module), linear_keys(module)
-    tensors = matched_gguf(path, expected, to_module_keys, architectures)
     size = torch.tensor([], dtype=dtype).element_size()
     state: dict[str, Tensor | QWeight] = {}
-    for key, value in tensors.items():
+    for key, value in by_pieces(tensors, pieces).items():
         keep = value.quantized or value.data.element_size() < size
         if key in linears and keep and value.rows_kept:
             state[key] = QWeight(value.qtype.name, value.shape, value.data.to(device))
         else:
             state[key] = value.dequantize(dtype).reshape(expected[key]).to(device)
     return install(module, state)
-
-
-def matched_gguf(path: Path, expected: dict[str, tuple[int, ...]],
-                 to_module_keys: Callable[[dict[str, GGUFTensor]], dict[str, GGUFTensor]],
-                 architectures: tuple[str, ...]) -> dict[str, GGUFTensor]:
-    """The tensors of a GGUF file under module keys, checked against the module's `expected` shapes: raises
-    WeightsError for the first unexpected, misshapen or missing tensor."""
-    _, tensors = read_gguf(path, architectures)
-    tensors = to_module_keys(tensors)
-    check_shapes(path, {k: t.shape for k, t in tensors.items()}, expected, lambda k: not tensors[k].quantized)
-    return tensors
 
 
 def quantized_bytes(module: nn.Module) -> int:
@@ -256,9 +258,3 @@ def describe(module: nn.Module) -> str:
     kinds = ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
     return f"{sum(counts.values())} linear layers quantized ({kinds}), {human_bytes(quantized_bytes(module))} in all"
 
-
-def load_gguf_transformer(model: nn.Module, path: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """The transformer from a GGUF file in the original/ComfyUI layout (architecture lumina2, as published)."""
-    from .gguf import transformer_keys
-
-    return load_gguf(model, path, dtype, device, transformer_keys, ("lumina2",))

@@ -29,7 +29,10 @@ class SchedulerConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "SchedulerConfig":
-        raw = json.loads(Path(path).read_text())
+        return cls.from_dict(json.loads(Path(path).read_text()), str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, path: str = "scheduler config") -> "SchedulerConfig":
         for unsupported in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
                             "stochastic_sampling", "shift_terminal"):
             if raw.get(unsupported):

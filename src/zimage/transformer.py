@@ -68,7 +68,10 @@ class TransformerConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TransformerConfig":
-        raw = json.loads(Path(path).read_text())
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "TransformerConfig":
         known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
         for key in ("all_patch_size", "all_f_patch_size", "axes_dims", "axes_lens"):
             if key in known:
