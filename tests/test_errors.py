@@ -34,7 +34,7 @@ from zimage.cli import app
 from zimage.weights import DOWNLOAD_HINT
 
 ZIMAGE = Path(sys.executable).parent / "zimage"
-SMALL = ["--width", "64", "--height", "64", "--num-steps", "2", "--seed", "7", "-q"]
+SMALL = ["--width", "64", "--height", "64", "--num-steps", "2", "--seed", "7", "-q", "--dtype", "float32"]
 TRANSFORMER = "transformer/diffusion_pytorch_model.safetensors"
 VAE = "vae/diffusion_pytorch_model.safetensors"
 TEXT_ENCODER = "text_encoder/model.safetensors"
