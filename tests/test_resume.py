@@ -50,10 +50,9 @@ def loads(monkeypatch) -> list[str]:
         calls.append(str(folder))
         raise AssertionError(f"weights were loaded from {folder}")
 
-    for mod in (zimage.weights, zimage.pipeline, zimage.text_encoder):  # every way weights are read
-        for name in ("load_weights", "load_pieces"):
-            if hasattr(mod, name):
-                monkeypatch.setattr(mod, name, refuse)
+    for mod, name in ((zimage.weights, "load_weights"), (zimage.weights, "load_pieces"),
+                      (zimage.pipeline, "load_pieces"), (zimage.text_encoder, "load_pieces")):
+        monkeypatch.setattr(mod, name, refuse)
     return calls
 
 

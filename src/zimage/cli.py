@@ -185,7 +185,8 @@ def generate(
     device: str = typer.Option("auto", "--device", rich_help_panel=DEVICE,
                                help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", rich_help_panel=DEVICE,
-                              help="auto (bfloat16 on GPUs, float32 on CPU), bfloat16 or float32."),
+                              help="auto (bfloat16 on GPUs; on the CPU bfloat16 where it computes it natively "
+                                   "or float32 would not fit, else float32, said at start), bfloat16 or float32."),
     force: bool = typer.Option(False, "--force", rich_help_panel=DEVICE,
                                help="Allow --dtype float16 although it overflows in this model."),
     offload: Optional[str] = typer.Option(None, "--offload", show_default="none when everything fits, else chosen",
@@ -207,6 +208,12 @@ def generate(
     shard: Optional[str] = typer.Option(None, "--shard", metavar="K/N", rich_help_panel=BATCH,
                                         help="Make only share K of N of the run (K from 0), e.g. one task of a "
                                              "SLURM array; N runs with K=0..N-1 make all of it."),
+    quantize: str = typer.Option("none", "--quantize", rich_help_panel=DEVICE,
+                                 help="none, int8 (any device) or fp8 (CUDA capability 8.9+): store the "
+                                      "transformer's linear weights quantized, made tensor by tensor while loading. "
+                                      "A GGUF transformer is already quantized."),
+    quantize_text_encoder: str = typer.Option("none", "--quantize-text-encoder", rich_help_panel=DEVICE,
+                                              help="none, int8 or fp8: the same for the text encoder."),
 ) -> None:
     """Turn prompts into images."""
     from . import dist, resume
@@ -236,7 +243,7 @@ def generate(
         if blocked := [m for j, m in mine.blocked if j.origin.startswith("--")]:
             raise UsageError(blocked[0])  # an image asked for on the command line is not silently left out
         opts = runtime_options(model, mine.todo, batch_size, cpu, device, dtype, force, offload, compile_,
-                               vae_tiling, vae_dtype, quiet, overwrite)
+                               vae_tiling, vae_dtype, quiet, overwrite, quantize, quantize_text_encoder)
         group = dist.Group(part, opts.device) if part.launched else None
         if group and not group.agree(dist.digest(jobs)):
             raise UsageError("the torchrun processes planned different runs: start each with the same command, "
@@ -280,10 +287,13 @@ def batches_of(jobs: list[Job], size: int) -> list[list[Job]]:
 
 def runtime_options(model, jobs: list[Job], batch_size: int, cpu: bool, device: str,
                     dtype: Optional[str], force: bool, offload: Optional[str], compile_: bool, vae_tiling: bool,
-                    vae_dtype: Optional[str], quiet: bool, overwrite: bool):
+                    vae_dtype: Optional[str], quiet: bool, overwrite: bool, quantize: str = "none",
+                    quantize_text_encoder: str = "none"):
     """Device, dtype and offload mode for the run, after checking that its largest batch fits in memory. `model`
     is the run's ModelFiles."""
-    from .devices import choose_offload, estimate, pick_device, pick_dtype
+    import torch
+
+    from .devices import choose_offload, cpu_dtype, estimate, pick_device, pick_dtype, quantize_problem
     from .dist import current as current_shard, local_device
     from .pipeline import OFFLOAD_MODES, Options
 
@@ -292,22 +302,31 @@ def runtime_options(model, jobs: list[Job], batch_size: int, cpu: bool, device: 
     if cpu and device not in ("auto", "cpu"):
         raise UsageError(f"--cpu and --device {device} conflict; give one of them")
     dev = local_device(pick_device(device, cpu), current_shard())
+    for flag, value in (("--quantize", quantize), ("--quantize-text-encoder", quantize_text_encoder)):
+        if problem := quantize_problem(value, dev):
+            raise UsageError(f"{flag} {value}: {problem}")
     if offload in ("model", "sequential") and dev.type != "cuda":
         log.warning("warning: --offload %s saves no memory on %s: the weights already live in the memory it computes "
                     "from, so offloading only adds copies (same image, slower)", offload, dev.type)
     dt = pick_dtype(dtype, dev, force)
     vae_dt = None if vae_dtype in (None, "auto") else pick_dtype(vae_dtype, dev, force)
     if not jobs:
-        return Options(model.folder, dev, dt, files=model)
+        return Options(model.folder, dev, dt, files=model, quantize=quantize,
+                       quantize_text_encoder=quantize_text_encoder)
     largest = max(jobs, key=lambda j: j.settings.width * j.settings.height).settings
-    needs = estimate(model, dt, largest.width, largest.height, min(batch_size, len(jobs)),
-                     any(j.settings.guidance_scale > 0 for j in jobs), VAE_TILE if vae_tiling else None)
+    cfg_on = any(j.settings.guidance_scale > 0 for j in jobs)
+    sizes = (largest.width, largest.height, min(batch_size, len(jobs)), cfg_on, VAE_TILE if vae_tiling else None,
+             quantize, quantize_text_encoder)
+    if dev.type == "cpu" and dtype in (None, "auto"):
+        dt, why = cpu_dtype(estimate(model, torch.float32, *sizes).peak("none"))
+        log.info("dtype %s: %s", str(dt).removeprefix("torch."), why)
+    needs = estimate(model, dt, *sizes)
     mode, note = choose_offload(needs, dev, dt, offload)
     if note:
         log.info(note)
     log.info("device %s, %s, offload %s; %d image(s)", dev, str(dt).removeprefix("torch."), mode, len(jobs))
     return Options(model.folder, dev, dt, mode, compile_, VAE_TILE if vae_tiling else None, vae_dt, not quiet,
-                   overwrite, files=model)
+                   overwrite, files=model, quantize=quantize, quantize_text_encoder=quantize_text_encoder)
 
 
 @app.command(cls=Command)

@@ -43,9 +43,9 @@ def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path
          output: str, num_images: int, given: dict,
          files: Optional[dict] = None) -> tuple[list[Job], list[str], "ModelFiles", Optional[int]]:
     """Everything checkable before loading: settings, prompts, outputs, the model files. Returns the jobs,
-    the messages of skipped items, the ModelFiles of the run, and the seed drawn at random (None when one was
-    given). `given` holds the setting flags (None = not given); `files` the single-file flags (transformer,
-    text_encoder, vae, tokenizer; None = not given)."""
+    the messages of skipped items (in line order), the ModelFiles of the run, and the seed drawn at random (None
+    when one was given). `given` holds the setting flags (None = not given); `files` the single-file flags
+    (transformer, text_encoder, vae, tokenizer; None = not given)."""
     from_png = from_png.expanduser() if from_png else None
     base, meta = base_settings(from_png, **given)
     random_seed = None
