@@ -124,13 +124,17 @@ def with_shapes(component: str, base: Any, shapes: dict[str, tuple[int, ...]], p
                            f"give --model-path with the {component}/config.json that fits it") from None
 
 
+def no_component(name: str) -> UsageError:
+    return UsageError(f"no {name.replace('_', ' ')}: give --model-path FOLDER or {singlefile.FLAGS[name]} FILE")
+
+
 def weights_header(files: ModelFiles, name: str) -> dict[str, tuple[Path, TensorInfo]]:
     """Every tensor of a component's weights, from its single file or its folder, without configs or mapping."""
     path = files.file(name)
     if path is not None:
         return file_header(path)
     if files.folder is None:
-        raise UsageError(f"no {name.replace('_', ' ')}: give --model-path FOLDER or {singlefile.FLAGS[name]} FILE")
+        raise no_component(name)
     return checkpoint_header(files.folder / name, WEIGHT_STEMS[name])
 
 
@@ -140,7 +144,7 @@ def component(files: ModelFiles, name: str) -> Component:
     path = files.file(name)
     if path is None:
         if files.folder is None:
-            raise UsageError(f"no {name.replace('_', ' ')}: give --model-path FOLDER or {singlefile.FLAGS[name]} FILE")
+            raise no_component(name)
         folder = files.folder / name
         header = checkpoint_header(folder, WEIGHT_STEMS[name])
         rename = singlefile.text_encoder_pieces_of if name == "text_encoder" else (lambda n: {n: Piece(n)})
