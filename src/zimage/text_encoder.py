@@ -41,9 +41,11 @@ class TextEncoder:
         self.max_tokens = max_tokens
 
     @classmethod
-    def load(cls, source: ModelFiles | Path, device: torch.device, dtype: torch.dtype) -> "TextEncoder":
-        """Qwen3 from a checkpoint folder or the ModelFiles of a run (a single file with or without `model.`),
-        with the tokenizer of the folder or of `--tokenizer`."""
+    def load(cls, source: ModelFiles | Path, device: torch.device, dtype: torch.dtype,
+             quantize: str = "none") -> "TextEncoder":
+        """Qwen3 from a checkpoint folder or the ModelFiles of a run (a single file with or without `model.`, a
+        llama.cpp GGUF kept quantized), with the tokenizer of the folder or of `--tokenizer`; its linear weights
+        quantized to `quantize` (int8, fp8) while loading unless none."""
         files = ModelFiles.of(source)
         comp = component(files, "text_encoder")
         with torch.device("meta"):  # the whole model's shapes are checked, the last layer included
@@ -54,7 +56,13 @@ class TextEncoder:
             model = Qwen3Model(cfg)
         model.norm = nn.Identity()
         used = expected_shapes(model)
-        load_pieces(model, comp.header, {k: p for k, p in comp.pieces.items() if k in used}, dtype, device)
+        if quantize == "none" and comp.where.suffix.lower() != ".gguf":
+            load_pieces(model, comp.header, {k: p for k, p in comp.pieces.items() if k in used}, dtype, device)
+        else:
+            from .quant import describe, load_weights_of
+
+            load_weights_of(model, comp, dtype, device, quantize)
+            log.info("text encoder: %s", describe(model))
         model.rotary_emb = type(model.rotary_emb)(config=cfg).to(device)  # its buffers were left on meta
         tokenizer = AutoTokenizer.from_pretrained(str(files.tokenizer_dir()))
         return cls(model, tokenizer)

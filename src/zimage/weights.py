@@ -74,6 +74,7 @@ def require_tokenizer(folder: Path) -> None:
 class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
+    stored: int | None = None  # bytes as stored, for block-quantized types (GGUF) whose dtype has no item size
 
     @property
     def numel(self) -> int:
@@ -84,7 +85,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * DTYPE_SIZES.get(self.dtype, 4)
+        return self.stored if self.stored is not None else self.numel * DTYPE_SIZES.get(self.dtype, 4)
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -121,6 +122,17 @@ def weight_files(folder: Path, stem: str) -> dict[str, Path]:
     if single.is_file():
         return {name: single for name in read_header(single)}
     raise MissingFileError(f"missing {single} (or {index.name} with its shards) in {folder}")
+
+
+def find_gguf(folder: Path, stem: str) -> Path | None:
+    """The GGUF file standing in for a component's safetensors (`{stem}.safetensors` and its index absent), or None.
+    More than one is ambiguous and raises WeightsError."""
+    if (folder / f"{stem}.safetensors").is_file() or (folder / f"{stem}.safetensors.index.json").is_file():
+        return None
+    found = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
+    if len(found) > 1:
+        raise WeightsError(f"{folder} holds {len(found)} GGUF files ({', '.join(p.name for p in found)}); keep one")
+    return found[0] if found else None
 
 
 def checkpoint_header(folder: Path, stem: str) -> dict[str, tuple[Path, TensorInfo]]:
@@ -215,6 +227,20 @@ def read_groups(header: dict[str, tuple[Path, TensorInfo]], mapping: dict[str, s
     return groups
 
 
+def read_weights(
+    module: nn.Module,
+    folder: Path,
+    stem: str,
+    convert: Callable[[str, torch.Tensor], object],
+    rename: Callable[[str], str | None] = lambda k: k,
+) -> dict[str, object]:
+    """Every tensor of a component folder matched to `module`'s keys and passed through `convert(key, tensor)`
+    as soon as it is read, so that only converted tensors (cast, quantized) are ever held together."""
+    header = checkpoint_header(folder, stem)
+    mapping = match_keys(header, expected_shapes(module), rename, folder)
+    return read_pieces(header, {key: Piece(name) for key, name in mapping.items()}, convert)
+
+
 def load_weights(
     module: nn.Module,
     folder: Path,
@@ -244,6 +270,28 @@ def read_piece(f, piece: Piece) -> torch.Tensor:
     return t.reshape(t.shape[:-2]) if piece.squeeze else t
 
 
+def read_pieces(
+    header: dict[str, tuple[Path, TensorInfo]],
+    pieces: dict[str, Piece],
+    convert: Callable[[str, torch.Tensor], object],
+) -> dict[str, object]:
+    """Checked `pieces` (see match_pieces) read one tensor at a time, each passed through `convert(key, tensor)`
+    before the next is read."""
+    state: dict[str, object] = {}
+    for path, keys in read_groups(header, {key: p.name for key, p in pieces.items()}):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in keys:
+                    t = read_piece(f, pieces[key])
+                    state[key] = convert(key, t)
+                    del t
+        except Exception as e:
+            if isinstance(e, (torch.OutOfMemoryError, KeyboardInterrupt, WeightsError)):
+                raise
+            raise WeightsError(f"{path} could not be read ({e}); download it again") from None
+    return state
+
+
 def load_pieces(
     module: nn.Module,
     header: dict[str, tuple[Path, TensorInfo]],
@@ -253,18 +301,10 @@ def load_pieces(
 ) -> nn.Module:
     """Fill a module built on the meta device with checked `pieces` (see match_pieces), one tensor at a time,
     each converted straight to `dtype` on `device`."""
-    state: dict[str, torch.Tensor] = {}
-    for path, keys in read_groups(header, {key: p.name for key, p in pieces.items()}):
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in keys:
-                    t = read_piece(f, pieces[key])
-                    state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-                    del t
-        except Exception as e:
-            if isinstance(e, (torch.OutOfMemoryError, KeyboardInterrupt)):
-                raise
-            raise WeightsError(f"{path} could not be read ({e}); download it again") from None
+    def convert(key: str, t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    state = read_pieces(header, pieces, convert)
     module.load_state_dict(state, strict=True, assign=True)
     return module.requires_grad_(False).eval()
 
