@@ -32,7 +32,7 @@ SRC = Path(zimage.pipeline.__file__).resolve().parents[1]  # the zimage under te
 def generate(tiny, out, *extra):
     result = CliRunner().invoke(app, ["generate", "--model-path", str(tiny), "--prompt", "a quiet harbour at dusk",
                                       "--width", "96", "--height", "64", "--seed", "11", "--negative-prompt", "fog",
-                                      "--output", str(out), "-q", *extra])
+                                      "--output", str(out), "-q", "--dtype", "float32", *extra])
     assert result.exit_code == 0, result.output
     return np.asarray(Image.open(out).convert("RGB")).astype(int)
 

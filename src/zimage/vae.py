@@ -33,7 +33,10 @@ class VAEConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "VAEConfig":
-        raw = json.loads(Path(path).read_text())
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "VAEConfig":
         known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
         if "block_out_channels" in known:
             known["block_out_channels"] = tuple(known["block_out_channels"])
