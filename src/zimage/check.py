@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
+from .layout import missing_hint
 from .modelfiles import ModelFiles, checked, scheduler_config
 from .scheduler import SchedulerConfig
 from .transformer import TransformerConfig, ZImageTransformer
 from .vae import AutoencoderKL, VAEConfig
-from .layout import missing_hint
 from .weights import (CONFIG_NAMES, WEIGHT_STEMS, MissingFileError, WeightsError,
                       checkpoint_header, expected_shapes, find_gguf, human_bytes, match_keys, read_config,
                       read_json, require_tokenizer, weight_files)

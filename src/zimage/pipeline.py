@@ -172,7 +172,9 @@ class Pipeline:
         log.info("text encoder loaded in %.1fs", time.perf_counter() - t0)
         t0 = time.perf_counter()
         try:
-            feats = dict(zip(unique, encoder.encode(unique)))
+            # one prompt at a time: batched with padding, a prompt's features would depend (in the last bits) on
+            # the other prompts of the run, and a resumed or split run would not remake its images exactly
+            feats = dict(zip(unique, encoder.encode(unique, batch_size=1)))
         finally:
             if streamer is not None:
                 streamer.remove()  # its hooks and the layers form a cycle that would keep the pinned weights
@@ -281,6 +283,8 @@ class Pipeline:
                 images = to_pil(self.decode(latents))
                 seconds = (time.perf_counter() - t0) / len(batch)
                 for job, image in zip(batch, images):
+                    if not job.write:  # made only so that its batch is the one first planned
+                        continue
                     with interrupts_held():  # a file on disk is always a file reported, even on Ctrl-C
                         try:
                             save_image(image, job.output, job.metadata, self.opts.overwrite)
