@@ -25,7 +25,8 @@ TEXT_ENCODER_PREFIXES = ("model.",)  # Qwen3ForCausalLM's, absent in files writt
 TRANSFORMER_HEADS = {"x_embedder.": "all_x_embedder.2-1.", "final_layer.": "all_final_layer.2-1."}
 TRANSFORMER_PARTS = {".attention.out.": ".attention.to_out.0.", ".attention.q_norm.": ".attention.norm_q.",
                      ".attention.k_norm.": ".attention.norm_k."}
-FP8_EXTRAS = {"scaled_fp8", "scale_weight", "weight_scale", "scale_input", "input_scale", "comfy_quant"}  # quant.py reads
+# the scales and markers of ComfyUI fp8 files: read with their weights by quant.read_scaled_fp8, never on their own
+FP8_EXTRAS = {"scaled_fp8", "scale_weight", "weight_scale", "scale_input", "input_scale", "comfy_quant"}
 TRANSFORMER_SKIPPED = {"norm_final.weight"}  # in original checkpoints but unused by the model (diffusers drops it too)
 QKV = ".attention.qkv."
 
