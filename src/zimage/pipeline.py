@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from .images import save_image, to_pil
 from .jobs import Job
+from .lora import LoraSet, model_shapes, read_lora
 from .devices import tune_allocator
 from .offload import BlockStreamer, empty_cache
 from .scheduler import Guidance, SchedulerConfig, denoise, get_noise, get_sigmas, model_times
@@ -76,11 +77,12 @@ class Timings:
     decode: float = 0.0
 
 
-def load_transformer(model_path: Path, device: torch.device, dtype: torch.dtype) -> ZImageTransformer:
+def load_transformer(model_path: Path, device: torch.device, dtype: torch.dtype,
+                     patch: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> ZImageTransformer:
     folder = model_path / "transformer"
     with torch.device("meta"):
         model = ZImageTransformer(TransformerConfig.from_json(folder / "config.json"))
-    return load_weights(model, folder, WEIGHT_STEMS["transformer"], dtype, device)
+    return load_weights(model, folder, WEIGHT_STEMS["transformer"], dtype, device, patch=patch)
 
 
 def load_vae(model_path: Path, device: torch.device, dtype: torch.dtype | None = None,
@@ -120,6 +122,27 @@ def batches(jobs: list[Job], size: int) -> list[list[Job]]:
     return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
 
 
+def lora_groups(jobs: list[Job], model_path: Path) -> dict[tuple, tuple[LoraSet | None, list[Job]]]:
+    """Jobs grouped by their LoRA set (first-seen order), each set read once."""
+    groups: dict[tuple, tuple[LoraSet | None, list[Job]]] = {}
+    shapes = None
+    for job in jobs:
+        refs = job.settings.loras
+        if refs not in groups:
+            loras = None
+            if refs:
+                shapes = shapes or model_shapes(model_path)
+                loras = LoraSet([(read_lora(Path(r.path), shapes), r.scale) for r in refs])
+            groups[refs] = (loras, [])
+        groups[refs][1].append(job)
+    return groups
+
+
+def te_refs(refs: tuple, loras: LoraSet | None) -> tuple:
+    """The part of a LoRA set that changes caption features: all of it when it touches the text encoder, else none."""
+    return refs if loras is not None and loras.touches("text_encoder") else ()
+
+
 class Pipeline:
     """Runs jobs with the models of one checkpoint: encode every prompt, free the text encoder, then denoise and
     decode batch by batch, writing each image as soon as it is decoded."""
@@ -142,13 +165,16 @@ class Pipeline:
         """Where weights rest between uses: the CPU when offloading, else the compute device."""
         return torch.device("cpu") if self.opts.offload != "none" else self.opts.device
 
-    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Caption features for each distinct prompt; the text encoder is loaded for this call only."""
+    def encode(self, prompts: list[str], loras: LoraSet | None = None) -> dict[str, torch.Tensor]:
+        """Caption features for each distinct prompt, with the text-encoder part of `loras` merged; the text encoder
+        is loaded for this call only."""
         unique = list(dict.fromkeys(prompts))
         t0 = time.perf_counter()
         streamed = self.opts.offload == "sequential"
         encoder = TextEncoder.load(self.opts.model_path, self.storage_device if streamed else self.compute_device,
-                                   self.opts.dtype)
+                                   self.opts.dtype, loras.patch("text_encoder") if loras else None)
+        if loras:
+            loras.close()
         if streamed:
             BlockStreamer(encoder.model, list(encoder.model.layers), self.compute_device)
         self.timings.load += time.perf_counter() - t0
@@ -161,16 +187,21 @@ class Pipeline:
         free_memory(released, self.compute_device)
         return feats
 
-    def load_denoiser(self) -> None:
+    def load_denoiser(self, loras: LoraSet | None = None) -> None:
+        """The transformer with `loras` merged, and the VAE unless it is loaded already."""
         t0 = time.perf_counter()
-        self.transformer = load_transformer(self.opts.model_path, self.storage_device, self.opts.dtype)
+        self.transformer = load_transformer(self.opts.model_path, self.storage_device, self.opts.dtype,
+                                            loras.patch("transformer") if loras else None)
+        if loras:
+            loras.close()
         if self.opts.offload == "sequential":
             t = self.transformer
             self.streamer = BlockStreamer(t, [*t.noise_refiner, *t.context_refiner, *t.layers], self.compute_device)
         if self.opts.compile:
             for block in [*self.transformer.noise_refiner, *self.transformer.context_refiner, *self.transformer.layers]:
                 block.compile(dynamic=False)
-        self.vae = load_vae(self.opts.model_path, self.storage_device, self.opts.vae_dtype, self.opts.dtype)
+        if self.vae is None:
+            self.vae = load_vae(self.opts.model_path, self.storage_device, self.opts.vae_dtype, self.opts.dtype)
         self.timings.load += time.perf_counter() - t0
         log.info("transformer and VAE loaded in %.1fs", time.perf_counter() - t0)
 
@@ -236,18 +267,26 @@ class Pipeline:
             on_error: Callable[[Job, str], None]) -> None:
         """Make every job's image and write it to `job.output`, calling `on_image(job, seconds)` after each write
         and `on_error(job, message)` when a file cannot be written."""
-        prompts = [j.settings.prompt for j in jobs]
-        prompts += [j.settings.negative_prompt for j in jobs if j.settings.guidance_scale > 0]
         what = "loading the models"
         try:
-            feats = self.encode(prompts)
-            self.load_denoiser()
-            todo = batches(jobs, batch_size)
-            for n, batch in enumerate(todo, start=1):
+            groups = lora_groups(jobs, self.opts.model_path)
+            wanted: dict[tuple, tuple[LoraSet | None, list[str]]] = {}  # text-encoder LoRA set -> its prompts
+            for refs, (loras, group) in groups.items():
+                te = te_refs(refs, loras)
+                prompts = wanted.setdefault(te, (loras if te else None, []))[1]
+                prompts += [j.settings.prompt for j in group]
+                prompts += [j.settings.negative_prompt for j in group if j.settings.guidance_scale > 0]
+            feats = {te: self.encode(prompts, loras) for te, (loras, prompts) in wanted.items()}
+            todo = [(refs, loras, batch) for refs, (loras, group) in groups.items()
+                    for batch in batches(group, batch_size)]
+            for n, (refs, loras, batch) in enumerate(todo, start=1):
+                if n == 1 or refs != todo[n - 2][0]:  # each LoRA set is merged once, while its transformer loads
+                    self.release_transformer()
+                    self.load_denoiser(loras)
                 s = batch[0].settings
                 what = f"making {len(batch)} image(s) of {s.width}x{s.height}{' with CFG' if s.guidance_scale else ''}"
                 t0 = time.perf_counter()
-                latents = self.denoise_batch(batch, feats)
+                latents = self.denoise_batch(batch, feats[te_refs(refs, loras)])
                 if n == len(todo):
                     self.release_transformer()  # not needed again: the decode gets its memory
                 images = to_pil(self.decode(latents))

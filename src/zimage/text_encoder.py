@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -53,14 +54,16 @@ class TextEncoder:
         self.max_tokens = max_tokens
 
     @classmethod
-    def load(cls, model_path: Path, device: torch.device, dtype: torch.dtype) -> "TextEncoder":
+    def load(cls, model_path: Path, device: torch.device, dtype: torch.dtype,
+             patch: Callable[[str, Tensor], Tensor] | None = None) -> "TextEncoder":
+        """The encoder of a checkpoint folder; `patch` edits weights as they load (see weights.load_weights)."""
         folder = model_path / "text_encoder"
         cfg = encoder_config(folder)
         with torch.device("meta"):
             model = Qwen3Model(cfg)
         model.norm = nn.Identity()
         load_weights(model, folder, WEIGHT_STEMS["text_encoder"], dtype, device,
-                     checkpoint_key(cfg.num_hidden_layers))
+                     checkpoint_key(cfg.num_hidden_layers), patch)
         model.rotary_emb = type(model.rotary_emb)(config=cfg).to(device)  # its buffers were left on meta
         tokenizer = AutoTokenizer.from_pretrained(str(model_path / "tokenizer"))
         return cls(model, tokenizer)

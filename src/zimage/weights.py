@@ -188,11 +188,14 @@ def load_weights(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     rename: Callable[[str], str | None] = lambda k: k,
+    patch: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> nn.Module:
     """Fill a module built on the meta device from a component folder, one tensor at a time.
 
     Each tensor is read from the memory-mapped file and converted straight to `dtype` on `device`, so no
     full-precision copy of the model ever exists. `rename` maps checkpoint keys to module keys (None skips).
+    `patch(module_key, tensor)`, when given, sees each floating tensor as read (before the cast to `dtype`) and
+    returns the tensor to load; a patch that changes a tensor works in float32 (LoRA merging does).
     """
     header = checkpoint_header(folder, stem)
     mapping = match_keys(header, expected_shapes(module), rename, folder)
@@ -202,6 +205,8 @@ def load_weights(
             with safe_open(str(path), framework="pt") as f:
                 for key in keys:
                     t = f.get_tensor(mapping[key])
+                    if patch is not None and t.is_floating_point():
+                        t = patch(key, t)
                     state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
                     del t
         except Exception as e:
