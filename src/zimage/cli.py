@@ -14,7 +14,7 @@ from typing import Iterator, List, Optional
 
 import typer
 
-from .jobs import (Item, Job, UsageError, output_problem, plan_jobs, read_prompts_file, settings_from,
+from .jobs import (Item, Job, UsageError, output_problem, parse_lora, plan_jobs, read_prompts_file, settings_from,
                    settings_problem, Settings)
 from .weights import DOWNLOAD_HINT, MissingFileError, WeightsError, read_config
 
@@ -102,6 +102,7 @@ def generate(
     prompts_file: Optional[str] = typer.Option(None, "--prompts-file", help="File of prompts: one a line (# comments), or .jsonl objects; - reads stdin."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="What to steer away from (turns CFG on with scale 5 unless --guidance-scale says otherwise). [default: \"\"]"),
     model_path: Optional[Path] = typer.Option(None, "--model-path", help=f"Checkpoint folder in the published layout. [default: {DEFAULT_MODEL}]"),
+    lora: List[str] = typer.Option([], "--lora", help="LoRA file (.safetensors, any common trainer's format) merged into the model, as FILE or FILE:SCALE (default scale 1.0); repeat to combine several.", rich_help_panel="Model files"),
     width: Optional[int] = typer.Option(None, "--width", help="Image width in pixels, a multiple of 16. [default: 1024]"),
     height: Optional[int] = typer.Option(None, "--height", help="Image height in pixels, a multiple of 16. [default: 1024]"),
     num_steps: Optional[int] = typer.Option(None, "--num-steps", help="Denoising steps (forward passes). [default: 8]"),
@@ -133,9 +134,13 @@ def generate(
             raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
         if num_images < 1:
             raise UsageError(f"--num-images must be at least 1 (got {num_images})")
+        try:
+            loras = tuple(parse_lora(x) for x in lora) or None
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         settings = dict(negative_prompt=negative_prompt, width=width, height=height, num_steps=num_steps,
                         guidance_scale=guidance_scale, cfg_normalization=cfg_normalization,
-                        cfg_truncation=cfg_truncation, seed=seed)
+                        cfg_truncation=cfg_truncation, seed=seed, loras=loras)
         jobs, skipped, model = plan(prompt, prompts_file, from_png, model_path, output, num_images, overwrite,
                                     settings)
         opts = runtime_options(model, jobs, batch_size, cpu, device, dtype, force, offload, compile_, vae_tiling,
@@ -265,7 +270,39 @@ def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path
     cli_errors = [m for item, m in result.errors if item.from_cli]
     if cli_errors:
         raise UsageError(cli_errors[0])
-    return result.jobs, file_errors + [m for _, m in result.errors], model
+    return checked_loras(result.jobs, model), file_errors + [m for _, m in result.errors], model
+
+
+def checked_loras(jobs: list[Job], model: Path) -> list[Job]:
+    """The jobs with each LoRA's sha256 filled in, after checking every LoRA file fits the model (from headers only,
+    before any weights load) and that files named by --from-png are unchanged."""
+    from dataclasses import replace
+
+    from .lora import LoraError, model_shapes, read_lora, sha256
+
+    refs = {r.path: r for j in jobs for r in j.settings.loras}
+    if not refs:
+        return jobs
+    shapes = model_shapes(model)
+    sums = {}
+    for path, ref in refs.items():
+        if ref.sha256 and not Path(path).is_file():
+            raise UsageError(f"--from-png: the image was made with LoRA file {path}, which is not there any more")
+        try:
+            lora = read_lora(Path(path), shapes)
+        except LoraError as e:
+            raise UsageError(str(e)) from None
+        if lora.unmatched:
+            log.warning("LoRA file %s: %d key(s) match nothing in Z-Image and are ignored: %s%s", Path(path).name,
+                        len(lora.unmatched), ", ".join(lora.unmatched[:3]), ", ..." if len(lora.unmatched) > 3 else "")
+        sums[path] = sha256(Path(path))
+    for j in jobs:
+        for r in j.settings.loras:
+            if r.sha256 and r.sha256 != sums[r.path]:
+                raise UsageError(f"--from-png: LoRA file {r.path} changed since the image was made (sha256 "
+                                 f"{sums[r.path][:12]}..., the image says {r.sha256[:12]}...)")
+    return [replace(j, settings=replace(j.settings, loras=tuple(replace(r, sha256=sums[r.path])
+                                                               for r in j.settings.loras))) for j in jobs]
 
 
 @app.command()
