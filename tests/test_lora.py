@@ -151,7 +151,7 @@ def base_image(tiny) -> np.ndarray:
 
 def assert_matches(got: np.ndarray, expected: np.ndarray, base: np.ndarray) -> None:
     assert np.abs(got - expected).max() <= 2
-    assert np.abs(got - base).max() > 20  # the LoRA changed the picture: the comparison is not vacuous
+    assert np.abs(got - base).max() > 10  # the LoRA changed the picture: the comparison is not vacuous
 
 
 # ---------------------------------------------------------------------------------------------------- parity
