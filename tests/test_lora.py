@@ -301,3 +301,157 @@ def test_merge_happens_in_float32_before_the_cast(tiny):
         assert loras.delta("transformer", "layers.0.attention.to_k.weight") is None
     finally:
         shutil.rmtree(path.parent)
+
+
+# ---------------------------------------------------------------------------------------------------- bad files
+
+def generate(model: Path, out: Path, *args: str):
+    return CliRunner().invoke(app, ["generate", "--model-path", str(model), "-p", PROMPT, "--width", str(SIZE),
+                                    "--height", str(SIZE), "--num-steps", "2", "--seed", "1", "-o", str(out), *args])
+
+
+FOREIGN = {
+    "SDXL": ["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", "lora_te2_text_model_encoder_layers_0_mlp_fc1"],
+    "Flux": ["transformer.single_transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.add_q_proj"],
+    "Wan": ["diffusion_model.blocks.0.self_attn.q", "diffusion_model.blocks.0.cross_attn.k"],
+}
+
+
+@pytest.mark.parametrize("family", list(FOREIGN))
+def test_lora_for_another_model_is_a_usage_error_naming_its_family(tiny, tmp_path, loads, family):
+    state = {}
+    for m in FOREIGN[family]:
+        state |= {f"{m}.lora_down.weight": torch.zeros(4, 32), f"{m}.lora_up.weight": torch.zeros(32, 4)}
+    path = write(state, tmp_path / "other.safetensors")
+    before = snapshot(tmp_path)
+    result = generate(tiny, tmp_path / "out" / "o.png", "--lora", str(path))
+    assert_one_line_error(result, 2, "this LoRA does not fit Z-Image", f"its keys look like {family}")
+    assert snapshot(tmp_path) == before and not loads
+
+
+def test_lora_for_another_model_size_names_the_first_bad_key(checkpoints, tmp_path, loads):
+    sd, cfg = peft_lora(checkpoints["wide"], ["to_q"])  # dim 128: the tiny model has dim 64
+    path = save_diffusers(sd, cfg, tmp_path / "wide")
+    result = generate(checkpoints["single"], tmp_path / "out" / "o.png", "--lora", str(path))
+    line = assert_one_line_error(result, 2, "transformer.", ".attention.to_q.lora_", "another model size")
+    assert "128" in line and "64" in line
+    assert not (tmp_path / "out").exists() and not loads
+
+
+@pytest.mark.parametrize("content,phrase", [(b"\x00\x01 not a safetensors file" * 8, "not a readable safetensors"),
+                                            (b"", "not a readable safetensors")])
+def test_unreadable_lora_file_is_a_usage_error(tiny, tmp_path, loads, content, phrase):
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(content)
+    result = generate(tiny, tmp_path / "out" / "o.png", "--lora", f"{path}:0.5")
+    assert_one_line_error(result, 2, phrase, str(path))
+    assert not (tmp_path / "out").exists() and not loads
+
+
+class Payload:
+    """Unpickling this creates a file: proof that a pickle was (or was not) loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt"])
+def test_pickled_lora_is_refused_without_being_loaded(tiny, tmp_path, loads, suffix):
+    marker = tmp_path / "unpickled"
+    path = tmp_path / f"lora{suffix}"
+    path.write_bytes(pickle.dumps({"lora_unet_layers_0_attention_to_q.lora_down.weight": Payload(marker)}))
+    result = generate(tiny, tmp_path / "out" / "o.png", "--lora", str(path))
+    assert_one_line_error(result, 2, "pickle", "never read", ".safetensors")
+    assert not marker.exists() and not (tmp_path / "out").exists() and not loads
+
+
+@pytest.mark.parametrize("spec,phrase", [("missing.safetensors", "not found"), (":0.5", "names no file")])
+def test_missing_lora_file_is_a_usage_error(tiny, tmp_path, loads, spec, phrase):
+    result = generate(tiny, tmp_path / "out" / "o.png", "--lora", spec)
+    assert_one_line_error(result, 2, phrase)
+    assert not (tmp_path / "out").exists() and not loads
+
+
+def test_lora_missing_a_part_is_a_usage_error(tiny, tmp_path, loads):
+    path = write({"lora_unet_layers_0_attention_to_q.lora_down.weight": torch.zeros(4, 64)}, tmp_path / "a.safetensors")
+    result = generate(tiny, tmp_path / "out" / "o.png", "--lora", str(path))
+    assert_one_line_error(result, 2, "lora_unet_layers_0_attention_to_q.lora_down.weight", "no matching")
+    assert not loads
+
+
+def test_keys_that_match_nothing_are_a_warning_with_count_and_names(tiny, tmp_path):
+    sd, cfg = peft_lora(tiny, ["to_q"])
+    extra = {f"lora_unet_mystery_block_{i}.lora_down.weight": torch.zeros(4, 8) for i in range(5)}
+    path = write({**dialect(sd, cfg, "kohya"), **extra}, tmp_path / "mixed.safetensors")
+    result = generate(tiny, tmp_path / "o.png", "--lora", str(path))
+    assert result.exit_code == 0, result.output
+    warning = [ln for ln in result.stderr.splitlines() if "match nothing" in ln]
+    assert len(warning) == 1 and "5 key(s)" in warning[0] and "lora_unet_mystery_block_0" in warning[0]
+    assert (tmp_path / "o.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+
+def test_from_png_reapplies_the_loras_and_refuses_changed_or_missing_files(tiny, tmp_path):
+    sd, cfg = peft_lora(tiny, BLOCKS, seed=13)
+    path = write(dialect(sd, cfg, "kohya"), tmp_path / "style.safetensors")
+    first = ours(tiny, tmp_path / "first.png", "--lora", f"{path}:0.7")
+    meta = json.loads(Image.open(tmp_path / "first.png").info["zimage"])
+    assert meta["loras"] == [{"name": "style.safetensors", "path": str(path), "scale": 0.7,
+                              "sha256": __import__("hashlib").sha256(path.read_bytes()).hexdigest()}]
+    result = CliRunner().invoke(app, ["generate", "--from-png", str(tmp_path / "first.png"), "-o",
+                                      str(tmp_path / "again.png"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png").convert("RGB")).astype(int), first)
+    assert np.abs(first - ours(tiny, tmp_path / "plain.png")).max() > 10
+
+    write({**dialect(sd, cfg, "kohya"), "lora_unet_layers_0_attention_to_q.alpha": torch.tensor(1.0)}, path)
+    result = CliRunner().invoke(app, ["generate", "--from-png", str(tmp_path / "first.png"), "-o",
+                                      str(tmp_path / "changed.png")])
+    assert_one_line_error(result, 2, "--from-png", str(path), "changed since the image was made")
+    path.unlink()
+    result = CliRunner().invoke(app, ["generate", "--from-png", str(tmp_path / "first.png"), "-o",
+                                      str(tmp_path / "gone.png")])
+    assert_one_line_error(result, 2, "--from-png", str(path), "not there any more")
+    assert not (tmp_path / "changed.png").exists() and not (tmp_path / "gone.png").exists()
+
+
+def test_jsonl_loras_are_relative_to_the_file_and_each_set_is_merged_once(tiny, tmp_path, monkeypatch):
+    folder = tmp_path / "prompts"
+    a = save_diffusers(*peft_lora(tiny, BLOCKS, seed=14), folder / "a")
+    b = write(dialect(*peft_lora(tiny, ["to_v", "w1"], seed=15), "kohya"), folder / "b.safetensors")
+    lines = [{"prompt": PROMPT, "seed": SEED, "loras": ["a/pytorch_lora_weights.safetensors:0.7"]},
+             {"prompt": PROMPT, "seed": SEED, "loras": [{"path": "b.safetensors", "scale": 1.3},
+                                                         "a/pytorch_lora_weights.safetensors:0.7"]},
+             {"prompt": PROMPT, "seed": SEED},
+             {"prompt": PROMPT, "seed": SEED, "loras": ["a/pytorch_lora_weights.safetensors:0.7"]},
+             {"prompt": PROMPT, "seed": SEED, "loras": "a.safetensors"}]
+    (folder / "p.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    calls = {"transformer": 0, "text_encoder": 0}
+    real_transformer, real_te = zimage.pipeline.load_transformer, zimage.pipeline.TextEncoder.load
+
+    def count_transformer(*args, **kwargs):
+        calls["transformer"] += 1
+        return real_transformer(*args, **kwargs)
+
+    def count_te(*args, **kwargs):
+        calls["text_encoder"] += 1
+        return real_te(*args, **kwargs)
+
+    monkeypatch.setattr(zimage.pipeline, "load_transformer", count_transformer)
+    monkeypatch.setattr(zimage.pipeline.TextEncoder, "load", count_te)
+    result = CliRunner().invoke(app, ["generate", "--model-path", str(tiny), "--prompts-file", str(folder / "p.jsonl"),
+                                      "--width", str(SIZE), "--height", str(SIZE), "-o", str(tmp_path / "{index}.png"),
+                                      "-q"])
+    assert result.exit_code == 1, result.output  # the last line is skipped
+    assert "p.jsonl line 5" in result.stderr and "\"loras\" must be a list" in result.stderr
+    assert calls == {"transformer": 3, "text_encoder": 1}  # three LoRA sets, none touching the text encoder
+    monkeypatch.undo()
+    img = {i: np.asarray(Image.open(tmp_path / f"{i}.png").convert("RGB")).astype(int) for i in range(4)}
+    assert np.array_equal(img[0], img[3])
+    assert np.array_equal(img[0], ours(tiny, tmp_path / "a.png", "--lora", f"{a}:0.7"))
+    assert np.array_equal(img[1], ours(tiny, tmp_path / "ba.png", "--lora", f"{b}:1.3", "--lora", f"{a}:0.7"))
+    assert np.array_equal(img[2], ours(tiny, tmp_path / "none.png"))

@@ -42,7 +42,7 @@ def parse_lora(spec: str, base: Path | None = None) -> LoraRef:
     folder). A colon followed by something that is not a number belongs to the file name."""
     path, scale = spec, 1.0
     head, sep, tail = spec.rpartition(":")
-    if sep and head:
+    if sep:
         try:
             path, scale = head, float(tail)
         except ValueError:
