@@ -1,12 +1,5 @@
-"""LoRA, LoHa and LoKr adapter files: every published key dialect is read from its safetensors header, converted to
-our module keys at the border, and merged as float32 weight deltas while the base weights load.
-
-Dialects, all told apart by their keys: diffusers/PEFT (`transformer.<module>.lora_A.weight`), ai-toolkit
-(`diffusion_model.<module>`), musubi-tuner/kohya (`lora_unet_<module with _ for .>.lora_down.weight`), DiffSynth
-(bare names, `lora_A.default.weight`), ComfyUI/original Z-Image names (fused `attention.qkv`, `attention.out`,
-`x_embedder`, `final_layer`), LyCORIS LoHa (`hada_w1_a`...) and LoKr (`lokr_w1`...), and text-encoder keys
-(`lora_te_`, `text_encoder.`) for Qwen3.
-"""
+"""LoRA, LoHa and LoKr adapter files: read from their safetensors header in any key dialect (lora_keys.py), checked
+against the model's shapes, and merged as float32 weight deltas while the base weights load."""
 
 from __future__ import annotations
 
@@ -22,56 +15,21 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from .weights import WEIGHT_STEMS, checkpoint_header
+from .lora_keys import COMPONENTS, Target, aliases, family, locate, split_key
+from .weights import WEIGHT_STEMS, WeightsError, checkpoint_header
 
-COMPONENTS = ("transformer", "text_encoder")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights keeps r and lora_alpha
 
-# tensor name ending -> part of an adapted module; LoRA parts are named lora_down (in -> r) and lora_up (r -> out)
-PART_SUFFIXES = {
-    ".lora_A.default.weight": "lora_down", ".lora_B.default.weight": "lora_up",
-    ".lora_A.weight": "lora_down", ".lora_B.weight": "lora_up",
-    ".lora_down.weight": "lora_down", ".lora_up.weight": "lora_up",
-    ".lora.down.weight": "lora_down", ".lora.up.weight": "lora_up",
-    ".alpha": "alpha",
-    **{f".{p}": p for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b",
-                            "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")},
-}
 KINDS = {  # kind -> the parts that make one complete module of it
     "lora": ("lora_down", "lora_up"),
     "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
-    "lokr": (),  # lokr_w1 or its _a/_b factors, and lokr_w2 or its factors: checked in `lokr_factors`
+    "lokr": (),  # lokr_w1 or its _a/_b factors, and lokr_w2 or its factors: checked in `lokr_shape`
 }
-# prefixes naming the component, longest first; a key with none of them is a transformer key
-PREFIXES = (
-    ("text_encoder", ("text_encoders.qwen3_4b.transformer.", "text_encoder.", "lora_te1_", "lora_te_")),
-    ("transformer", ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.",
-                     "lora_unet_", "lycoris_", "unet.")),
-)
-# model families other tools' LoRAs are made for, told by key patterns (checked in order)
-FAMILIES = (("Flux", r"double_blocks|single_blocks|single_transformer_blocks|context_embedder"),
-            ("SD3", r"joint_blocks"),
-            ("Qwen-Image", r"img_mod|txt_mlp|img_mlp"),
-            ("SDXL", r"lora_te2_|text_encoder_2|input_blocks_[0-9]+_1_transformer_blocks|add_embedding"),
-            ("Stable Diffusion 1.x/2.x/SDXL", r"down_blocks|up_blocks|input_blocks|output_blocks|mid_block"),
-            ("Wan", r"blocks[._][0-9]+[._](self_attn|cross_attn)|[._]ffn[._]"),
-            ("PixArt/Sana", r"adaln_single|caption_projection"),
-            ("HunyuanVideo", r"double_stream|single_stream"),
-            ("a CLIP/T5 text encoder", r"text_model|encoder[._]block"))
 
 
-class LoraError(Exception):
+class LoraError(WeightsError):
     """A LoRA file cannot be used: unreadable, a pickle, made for another model, or incomplete."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where one adapted module's delta goes: our weight key, and which of `count` equal row chunks (fused q, k, v)."""
-
-    key: str
-    index: int = 0
-    count: int = 1
 
 
 @dataclass(frozen=True)
@@ -117,71 +75,6 @@ def model_shapes(model_path: Path) -> dict[str, dict[str, tuple[int, ...]]]:
                  for k, (_, info) in header.items()}
         out[component] = names
     return out
-
-
-def aliases(component: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[Target, ...]]:
-    """Every spelling of every adaptable (2-D weight) module of a component -> its targets."""
-    table: dict[str, tuple[Target, ...]] = {}
-    fused: dict[str, list[str]] = {}
-    for key, shape in shapes.items():
-        if not key.endswith(".weight") or len(shape) != 2:
-            continue
-        module = key[: -len(".weight")]
-        names = [module]
-        if component == "text_encoder":
-            names.append("model." + module)
-        else:
-            names += original_names(module)
-            if m := re.fullmatch(r"(.+\.attention)\.to_([qkv])", module):
-                fused.setdefault(m[1] + ".qkv", [""] * 3)["qkv".index(m[2])] = key
-        for name in names:
-            table[name] = (Target(key),)
-    for name, keys in fused.items():
-        if all(keys):
-            table[name] = tuple(Target(k, i, 3) for i, k in enumerate(keys))
-    # kohya and musubi write module paths with every `.` as `_`; our names never collide that way
-    table.update({name.replace(".", "_"): t for name, t in list(table.items())})
-    return table
-
-
-def original_names(module: str) -> list[str]:
-    """The ComfyUI/original spellings of one of our transformer modules."""
-    out = []
-    if module.startswith("all_x_embedder."):
-        out.append("x_embedder")
-    if module.startswith("all_final_layer."):
-        out.append("final_layer." + module.split(".", 2)[2])
-    if module.endswith(".attention.to_out.0"):
-        out += [module[: -len("to_out.0")] + "out", module[: -len(".0")]]
-    return out
-
-
-def split_key(key: str) -> tuple[str, str] | None:
-    """(module name, part) of a tensor name, or None when its ending is not an adapter part we merge."""
-    for suffix, part in PART_SUFFIXES.items():
-        if key.endswith(suffix):
-            return key[: -len(suffix)], part
-    return None
-
-
-def locate(module: str, tables: dict[str, dict[str, tuple[Target, ...]]]) -> tuple[str, str, tuple[Target, ...]] | None:
-    """(component, canonical name, targets) of a module name in any dialect, or None when nothing fits."""
-    for component, prefixes in PREFIXES:
-        for prefix in prefixes:
-            if module.startswith(prefix):
-                rest = module[len(prefix):]
-                hit = tables[component].get(rest)
-                return (component, rest, hit) if hit else None
-    hit = tables["transformer"].get(module)
-    return ("transformer", module, hit) if hit else None
-
-
-def family(keys: list[str]) -> str:
-    text = "\n".join(keys)
-    for name, pattern in FAMILIES:
-        if re.search(pattern, text):
-            return name
-    return "another model"
 
 
 def read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -254,6 +147,10 @@ def read_lora(path: Path, shapes: dict[str, dict[str, tuple[int, ...]]]) -> Lora
         component, name, targets = found
         grouped.setdefault((component, name), {})[split[1]] = key
         where[(component, name)] = targets
+    for group, parts in list(grouped.items()):
+        if set(parts) == {"alpha"}:  # an alpha without its module's matrices adapts nothing
+            unmatched.append(parts["alpha"])
+            del grouped[group]
     if not grouped:
         raise LoraError(f"this LoRA does not fit Z-Image: its keys look like {family(list(header))} "
                         f"(for example '{next(iter(header), '(no tensors)')}'): {path}")
@@ -352,9 +249,13 @@ class LoraSet:
         return set(self.index[component])
 
     def _tensor(self, i: int, name: str) -> Tensor:
-        if i not in self._files:  # memory-mapped: only the pages of tensors read are resident
-            self._files[i] = safe_open(str(self.loras[i][0].path), framework="pt")
-        return self._files[i].get_tensor(name).float()
+        path = self.loras[i][0].path
+        try:
+            if i not in self._files:  # memory-mapped: only the pages of tensors read are resident
+                self._files[i] = safe_open(str(path), framework="pt")
+            return self._files[i].get_tensor(name).float()
+        except Exception as e:  # changed or removed since it was checked
+            raise LoraError(f"LoRA file {path} could not be read ({' '.join(str(e).split())})") from None
 
     def delta(self, component: str, key: str) -> Tensor | None:
         """The summed `scale * update` of every LoRA for weight `key` (float32, the weight's shape), or None."""

@@ -210,7 +210,7 @@ def load_weights(
                     state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
                     del t
         except Exception as e:
-            if isinstance(e, (torch.OutOfMemoryError, KeyboardInterrupt)):
+            if isinstance(e, (torch.OutOfMemoryError, KeyboardInterrupt, WeightsError)):  # WeightsError: from `patch`
                 raise
             raise WeightsError(f"{path} could not be read ({e}); download it again") from None
     module.load_state_dict(state, strict=True, assign=True)
