@@ -270,39 +270,45 @@ def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path
     cli_errors = [m for item, m in result.errors if item.from_cli]
     if cli_errors:
         raise UsageError(cli_errors[0])
-    return checked_loras(result.jobs, model), file_errors + [m for _, m in result.errors], model
+    jobs, lora_errors = checked_loras(result.jobs, model, base["loras"])
+    return jobs, file_errors + [m for _, m in result.errors] + lora_errors, model
 
 
-def checked_loras(jobs: list[Job], model: Path) -> list[Job]:
+def checked_loras(jobs: list[Job], model: Path, given: tuple) -> tuple[list[Job], list[str]]:
     """The jobs with each LoRA's sha256 filled in, after checking every LoRA file fits the model (from headers only,
-    before any weights load) and that files named by --from-png are unchanged."""
+    before any weights load) and that files named by --from-png are unchanged. A bad file of `given` (--lora or
+    --from-png) is a usage error; one named only by prompts-file lines skips those lines (returned messages)."""
     from dataclasses import replace
 
     from .lora import LoraError, model_shapes, read_lora, sha256
 
     refs = {r.path: r for j in jobs for r in j.settings.loras}
     if not refs:
-        return jobs
+        return jobs, []
     shapes = model_shapes(model)
-    sums = {}
+    sums, problems = {}, {}
     for path, ref in refs.items():
-        if ref.sha256 and not Path(path).is_file():
-            raise UsageError(f"--from-png: the image was made with LoRA file {path}, which is not there any more")
         try:
+            if ref.sha256 and not Path(path).is_file():
+                raise LoraError(f"--from-png: the image was made with LoRA file {path}, which is not there any more")
             lora = read_lora(Path(path), shapes)
+            sums[path] = sha256(Path(path))
+            if ref.sha256 and ref.sha256 != sums[path]:
+                raise LoraError(f"--from-png: LoRA file {path} changed since the image was made (sha256 "
+                                f"{sums[path][:12]}..., the image says {ref.sha256[:12]}...)")
         except LoraError as e:
-            raise UsageError(str(e)) from None
+            if path in {r.path for r in given}:
+                raise UsageError(str(e)) from None
+            problems[path] = str(e)
+            continue
         if lora.unmatched:
             log.warning("LoRA file %s: %d key(s) match nothing in Z-Image and are ignored: %s%s", Path(path).name,
                         len(lora.unmatched), ", ".join(lora.unmatched[:3]), ", ..." if len(lora.unmatched) > 3 else "")
-        sums[path] = sha256(Path(path))
-    for j in jobs:
-        for r in j.settings.loras:
-            if r.sha256 and r.sha256 != sums[r.path]:
-                raise UsageError(f"--from-png: LoRA file {r.path} changed since the image was made (sha256 "
-                                 f"{sums[r.path][:12]}..., the image says {r.sha256[:12]}...)")
+    ok = [j for j in jobs if not any(r.path in problems for r in j.settings.loras)]
+    skipped = list(dict.fromkeys(f"{j.origin}: {problems[r.path]}" for j in jobs for r in j.settings.loras
+                                 if r.path in problems))
     return [replace(j, settings=replace(j.settings, loras=tuple(replace(r, sha256=sums[r.path])
-                                                               for r in j.settings.loras))) for j in jobs]
+                                                               for r in j.settings.loras))) for j in ok], skipped
 
 
 @app.command()

@@ -266,20 +266,45 @@ class LoraSet:
             total = d if total is None else total.add_(d)
         return total
 
+    def merge_into(self, component: str, key: str, weight: Tensor) -> None:
+        """Add every LoRA's `scale * update` for `key` to a float32 weight in place; a plain LoRA goes in with one
+        addmm, so no update-sized buffer is ever made."""
+        for i, module, target, scale in self.index[component].get(key, []):
+            read = lambda name, i=i: self._tensor(i, name)  # noqa: E731
+            if module.kind == "lora":
+                down, up, s = lora_factors(module, read, target)
+                weight.addmm_(up, down, alpha=scale * s)
+            else:
+                weight.add_(module_delta(module, read, target), alpha=scale)
+
     def patch(self, component: str) -> Callable[[str, Tensor], Tensor] | None:
-        """A `weights.load_weights` patch adding the deltas to the weights they target (in float32); None when no
-        LoRA touches the component."""
+        """A `weights.load_weights` patch merging the LoRAs into the weights they target, in float32 (a float32
+        weight in place: its memory-mapped pages become its private copy, not a second buffer); None when no LoRA
+        touches the component."""
         if not self.touches(component):
             return None
 
         def add(key: str, weight: Tensor) -> Tensor:
-            d = self.delta(component, key)
-            return weight if d is None else d.add_(weight.float())
+            if key not in self.index[component]:
+                return weight
+            weight = weight.float()
+            self.merge_into(component, key, weight)
+            return weight
 
         return add
 
     def close(self) -> None:
         self._files.clear()
+
+
+def lora_factors(m: Module, read: Callable[[str], Tensor], target: Target) -> tuple[Tensor, Tensor, float]:
+    """(down, up rows of `target`, alpha/rank) of a plain LoRA module, in float32."""
+    down, up = read(m.parts["lora_down"]).flatten(1), read(m.parts["lora_up"]).flatten(1)
+    if target.count > 1:
+        n = up.shape[0] // target.count
+        up = up[target.index * n : (target.index + 1) * n]
+    alpha = read(m.parts["alpha"]).item() if "alpha" in m.parts else m.alpha
+    return down, up, 1.0 if alpha is None else alpha / down.shape[0]
 
 
 def module_delta(m: Module, read: Callable[[str], Tensor], target: Target) -> Tensor:
@@ -289,14 +314,12 @@ def module_delta(m: Module, read: Callable[[str], Tensor], target: Target) -> Te
         return t.flatten(1) if t.ndim > 2 else t
 
     rows = slice(None)
-    if target.count > 1:
-        n = m.shapes[next(p for p in m.parts if p in ("lora_up", "hada_w1_a"))][0] // target.count \
-            if m.kind != "lokr" else None
-        rows = slice(target.index * n, (target.index + 1) * n) if n else rows
+    if target.count > 1 and m.kind == "loha":
+        n = m.shapes["hada_w1_a"][0] // target.count
+        rows = slice(target.index * n, (target.index + 1) * n)
     alpha = read(m.parts["alpha"]).item() if "alpha" in m.parts else m.alpha
     if m.kind == "lora":
-        down, up = get("lora_down"), get("lora_up")[rows]
-        scale = 1.0 if alpha is None else alpha / down.shape[0]
+        down, up, scale = lora_factors(m, read, target)
         return (up @ down).mul_(scale)
     if m.kind == "loha":
         w1b = get("hada_w1_b")

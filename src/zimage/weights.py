@@ -163,8 +163,9 @@ def match_keys(
 READ_GROUP_BYTES = 512 * 2**20
 
 
-def read_groups(header: dict[str, tuple[Path, TensorInfo]], mapping: dict[str, str]) -> list[tuple[Path, list[str]]]:
-    """Module keys grouped by file into runs of at most READ_GROUP_BYTES on disk.
+def read_groups(header: dict[str, tuple[Path, TensorInfo]], mapping: dict[str, str],
+                limit: int = READ_GROUP_BYTES) -> list[tuple[Path, list[str]]]:
+    """Module keys grouped by file into runs of at most `limit` bytes on disk.
 
     Each group is read through its own memory map: closing it unmaps the pages read, which would otherwise stay
     resident until the whole file is done (24.6 GB for the published float32 transformer).
@@ -173,7 +174,7 @@ def read_groups(header: dict[str, tuple[Path, TensorInfo]], mapping: dict[str, s
     size = 0
     for key in sorted(mapping, key=lambda k: str(header[mapping[k]][0])):
         path, info = header[mapping[key]]
-        if not groups or groups[-1][0] != path or size + info.nbytes > READ_GROUP_BYTES:
+        if not groups or groups[-1][0] != path or size + info.nbytes > limit:
             groups.append((path, []))
             size = 0
         groups[-1][1].append(key)
@@ -195,12 +196,15 @@ def load_weights(
     Each tensor is read from the memory-mapped file and converted straight to `dtype` on `device`, so no
     full-precision copy of the model ever exists. `rename` maps checkpoint keys to module keys (None skips).
     `patch(module_key, tensor)`, when given, sees each floating tensor as read (before the cast to `dtype`) and
-    returns the tensor to load; a patch that changes a tensor works in float32 (LoRA merging does).
+    returns the tensor to load; a patch that changes a tensor works in float32 (LoRA merging does), and may change
+    it in place (it is the loader's private copy-on-write view of the file).
     """
     header = checkpoint_header(folder, stem)
     mapping = match_keys(header, expected_shapes(module), rename, folder)
     state: dict[str, torch.Tensor] = {}
-    for path, keys in read_groups(header, mapping):
+    # every tensor of a group keeps the group's whole mapping alive, with the pages a patch read: patched loads map
+    # each tensor on its own, so the pages of a replaced tensor leave memory with it
+    for path, keys in read_groups(header, mapping, 0 if patch is not None else READ_GROUP_BYTES):
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in keys:
