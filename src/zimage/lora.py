@@ -251,7 +251,7 @@ class LoraSet:
     def _tensor(self, i: int, name: str) -> Tensor:
         path = self.loras[i][0].path
         try:
-            if i not in self._files:  # memory-mapped: only the pages of tensors read are resident
+            if i not in self._files:  # mapped again for each weight, so that the file never becomes resident whole
                 self._files[i] = safe_open(str(path), framework="pt")
             return self._files[i].get_tensor(name).float()
         except Exception as e:  # changed or removed since it was checked
@@ -264,6 +264,7 @@ class LoraSet:
             d = module_delta(module, lambda name, i=i: self._tensor(i, name), target)
             d.mul_(scale)
             total = d if total is None else total.add_(d)
+        self.close()
         return total
 
     def merge_into(self, component: str, key: str, weight: Tensor) -> None:
@@ -276,6 +277,7 @@ class LoraSet:
                 weight.addmm_(up, down, alpha=scale * s)
             else:
                 weight.add_(module_delta(module, read, target), alpha=scale)
+        self.close()
 
     def patch(self, component: str) -> Callable[[str, Tensor], Tensor] | None:
         """A `weights.load_weights` patch merging the LoRAs into the weights they target, in float32 (a float32
@@ -294,6 +296,7 @@ class LoraSet:
         return add
 
     def close(self) -> None:
+        """Unmap the LoRA files (the next read maps them again)."""
         self._files.clear()
 
 
