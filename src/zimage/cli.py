@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import sys
 import time
 import traceback
@@ -14,22 +13,62 @@ from typing import Iterator, List, Optional
 
 import typer
 
-from .jobs import (Item, Job, UsageError, output_problem, parse_lora, plan_jobs, read_prompts_file, settings_from,
-                   settings_problem, Settings)
-from .weights import DOWNLOAD_HINT, MissingFileError, WeightsError, read_config
+from .clihelp import EXIT_INTERRUPTED, Command, Group
+from .errors import MissingFileError, NonFiniteImage, NonFiniteLatents, OutOfMemory, UsageError, WeightsError
+from .jobs import Job, Settings, parse_lora
+from .layout import DEFAULT_MODEL
+from .published import REPO_ID
+from .planning import plan
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# torch, transformers, numpy and PIL are imported inside the functions that need them: `--help` and usage errors
+# stay fast because they never load them.
+app = typer.Typer(cls=Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode="rich",
                   help="Generate images with Alibaba's Z-Image models (Z-Image-Turbo) on CUDA, Apple MPS or CPU.")
 log = logging.getLogger("zimage")
 
-DEFAULT_MODEL = Path("weights/Z-Image-Turbo")
 DEFAULT_OUTPUT = "z_image_output.png"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 VAE_TILE = 64  # latent pixels (512 px) per tile with --vae-tiling
+PROMPTS, IMAGE, SAMPLING, OUTPUT = "Prompts", "Image", "Sampling", "Output"
+MODEL_FILES, DEVICE, BATCH = "Model files", "Device and memory", "Batch"
 
 
 def err(message: str) -> None:
     typer.echo(message, err=True)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("zimage")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"zimage {version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    _version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True,
+                                  help="Print the version and exit."),
+) -> None:
+    """Generate images with Alibaba's Z-Image models (Z-Image-Turbo) on CUDA, Apple MPS or CPU."""
+
+
+def main() -> None:
+    """The `zimage` command. Ctrl-C before a command takes over (while Python imports) exits 130 on one line."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def setup_logging(quiet: bool, debug: bool) -> None:
@@ -43,30 +82,28 @@ def setup_logging(quiet: bool, debug: bool) -> None:
 @contextmanager
 def reported(debug: bool) -> Iterator[None]:
     """Turn failures into one line on stderr and an exit code; `--debug` re-raises for the full traceback."""
-    import torch
-
-    from .images import NonFiniteImage
-    from .pipeline import OutOfMemory
-    from .scheduler import NonFiniteLatents
-
     try:
         yield
     except typer.Exit:
         raise
+    except KeyboardInterrupt:
+        fail(debug, "interrupted before any image was written", EXIT_INTERRUPTED)
     except UsageError as e:
         fail(debug, f"error: {e}", EXIT_USAGE)
     except MissingFileError as e:
-        fail(debug, f"error: {e}. Download the model with: {DOWNLOAD_HINT}", EXIT_USAGE)
+        fail(debug, f"error: {e}", EXIT_USAGE)
     except WeightsError as e:
         fail(debug, f"error: {e}", EXIT_FAILED)
     except (NonFiniteLatents, NonFiniteImage) as e:
         fail(debug, f"error: {e}; no image was written for that batch. The dtype overflowed: try --dtype "
                     "bfloat16 or float32", EXIT_FAILED)
-    except (OutOfMemory, torch.OutOfMemoryError) as e:
-        fail(debug, f"error: {e if isinstance(e, OutOfMemory) else 'out of GPU memory'}. Lower the memory needed "
-                    "with --offload model or --offload sequential, a smaller --width/--height, --batch-size 1, "
-                    "or --vae-tiling", EXIT_FAILED)
-    except Exception as e:  # anything unforeseen still gets one line; --debug shows where it came from
+    except Exception as e:
+        torch = sys.modules.get("torch")  # a torch error can only come from a torch that was imported
+        if isinstance(e, OutOfMemory) or (torch is not None and isinstance(e, torch.OutOfMemoryError)):
+            fail(debug, f"error: {e if isinstance(e, OutOfMemory) else 'out of GPU memory'}. Lower the memory "
+                        "needed with --offload model or --offload sequential, a smaller --width/--height, "
+                        "--batch-size 1, or --vae-tiling", EXIT_FAILED)
+        # anything unforeseen still gets one line; --debug shows where it came from
         fail(debug, f"error: {type(e).__name__}: {e} (run again with --debug for the full traceback)", EXIT_FAILED)
 
 
@@ -77,55 +114,95 @@ def fail(debug: bool, message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def base_settings(from_png: Optional[Path], **given) -> tuple[dict, dict]:
-    """Settings every image starts from: flags given on the command line, over those stored in `--from-png`,
-    over the defaults. Returns them and the metadata read from the PNG (empty without one)."""
-    meta: dict = {}
-    if from_png is not None:
-        from .images import read_settings
-
-        if not from_png.is_file():
-            raise UsageError(f"--from-png: {from_png} not found")
-        try:
-            meta = read_settings(from_png)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--from-png: {e}") from None
-    defaults = {f: getattr(Settings, f) for f in Settings.__dataclass_fields__ if f != "prompt"}
-    stored = {k: v for k, v in settings_from(meta).items() if k != "prompt"}  # prompts come as items
-    merged = {**defaults, **stored, **{k: v for k, v in given.items() if v is not None}}
-    return merged, meta
+def given(ctx: typer.Context, **values):
+    """The values of the flags typed on the command line; None for those left at their defaults (so that settings
+    stored with --from-png apply to them)."""
+    return {k: v if ctx.get_parameter_source(k).name not in ("DEFAULT", "DEFAULT_MAP") else None
+            for k, v in values.items()}
 
 
-@app.command()
+@app.command(cls=Command)
 def generate(
-    prompt: List[str] = typer.Option([], "--prompt", "-p", help="Prompt text; give it several times for several prompts."),
-    prompts_file: Optional[str] = typer.Option(None, "--prompts-file", help="File of prompts: one a line (# comments), or .jsonl objects; - reads stdin."),
-    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="What to steer away from (turns CFG on with scale 5 unless --guidance-scale says otherwise). [default: \"\"]"),
-    model_path: Optional[Path] = typer.Option(None, "--model-path", help=f"Checkpoint folder in the published layout. [default: {DEFAULT_MODEL}]"),
-    lora: List[str] = typer.Option([], "--lora", help="LoRA file (.safetensors, any common trainer's format) merged into the model, as FILE or FILE:SCALE (default scale 1.0); repeat to combine several.", rich_help_panel="Model files"),
-    width: Optional[int] = typer.Option(None, "--width", help="Image width in pixels, a multiple of 16. [default: 1024]"),
-    height: Optional[int] = typer.Option(None, "--height", help="Image height in pixels, a multiple of 16. [default: 1024]"),
-    num_steps: Optional[int] = typer.Option(None, "--num-steps", help="Denoising steps (forward passes). [default: 8]"),
-    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="CFG scale; CFG runs when > 0. [default: 0, or 5.0 with a negative prompt]"),
-    cfg_normalization: Optional[float] = typer.Option(None, "--cfg-normalization", help="Cap the guided prediction's norm at this multiple of the positive one; 0 = off. [default: 0]"),
-    cfg_truncation: Optional[float] = typer.Option(None, "--cfg-truncation", help="No CFG on steps whose time (0 noise .. 1 clean) exceeds this. [default: 1.0]"),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the first image; image k of a run uses seed + k. [default: random, printed]"),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output file or template with {index}, {seed}, {prompt}; .png, .jpg or .webp. [default: z_image_output.png]"),
-    num_images: int = typer.Option(1, "--num-images", "-n", help="Images per prompt."),
-    batch_size: int = typer.Option(1, "--batch-size", "-b", help="Images of the same size denoised together in one forward pass."),
-    from_png: Optional[Path] = typer.Option(None, "--from-png", help="Re-run the settings stored in a PNG made by zimage; flags given here override them."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object per finished image on stdout, and nothing else there."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or progress messages."),
-    cpu: bool = typer.Option(False, "--cpu", help="Force the CPU."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto: cuda, then mps, then cpu]"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto, bfloat16 or float32. [default: bfloat16 on GPUs, float32 on CPU]"),
-    force: bool = typer.Option(False, "--force", help="Allow --dtype float16 although it overflows in this model."),
-    offload: Optional[str] = typer.Option(None, "--offload", help="none, model or sequential. [default: none when everything fits, else chosen and said]"),
-    compile_: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks (slow first step, faster after)."),
-    vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Decode in overlapping tiles so large images fit in little memory."),
-    vae_dtype: Optional[str] = typer.Option(None, "--vae-dtype", help="auto, float32 or bfloat16 for the VAE decode. [default: auto: float32, as the VAE config asks]"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
+    ctx: typer.Context,
+    prompt: List[str] = typer.Option([], "--prompt", "-p", metavar="TEXT", show_default=False,
+                                     rich_help_panel=PROMPTS,
+                                     help="Prompt text; give it several times for several prompts."),
+    prompts_file: Optional[str] = typer.Option(None, "--prompts-file", metavar="FILE", rich_help_panel=PROMPTS,
+                                               help="File of prompts: one a line (# comments), or .jsonl objects; "
+                                                    "- reads stdin."),
+    negative_prompt: str = typer.Option(Settings.negative_prompt, "--negative-prompt", metavar="TEXT",
+                                        show_default=False, rich_help_panel=PROMPTS,
+                                        help="What to steer away from (turns CFG on with scale 5 unless "
+                                             "--guidance-scale says otherwise)."),
+    from_png: Optional[Path] = typer.Option(None, "--from-png", metavar="FILE", rich_help_panel=PROMPTS,
+                                            help="Re-run the prompt and settings stored in a PNG made by zimage; "
+                                                 "flags given here override them."),
+    width: int = typer.Option(Settings.width, "--width", rich_help_panel=IMAGE,
+                              help="Image width in pixels, a multiple of 16."),
+    height: int = typer.Option(Settings.height, "--height", rich_help_panel=IMAGE,
+                               help="Image height in pixels, a multiple of 16."),
+    seed: Optional[int] = typer.Option(None, "--seed", show_default="random, printed", rich_help_panel=IMAGE,
+                                       help="Seed of the first image; image k of a run uses seed + k."),
+    num_steps: int = typer.Option(Settings.num_steps, "--num-steps", rich_help_panel=SAMPLING,
+                                  help="Denoising steps (forward passes)."),
+    guidance_scale: float = typer.Option(Settings.guidance_scale, "--guidance-scale", rich_help_panel=SAMPLING,
+                                         show_default="0, or 5.0 with --negative-prompt",
+                                         help="CFG scale; CFG runs when > 0."),
+    cfg_normalization: float = typer.Option(Settings.cfg_normalization, "--cfg-normalization",
+                                            rich_help_panel=SAMPLING,
+                                            help="Cap the guided prediction's norm at this multiple of the "
+                                                 "positive one; 0 = off."),
+    cfg_truncation: float = typer.Option(Settings.cfg_truncation, "--cfg-truncation", rich_help_panel=SAMPLING,
+                                         help="No CFG on steps whose time (0 noise .. 1 clean) exceeds this; "
+                                              "1 = CFG on every step."),
+    output: str = typer.Option(DEFAULT_OUTPUT, "--output", "-o", rich_help_panel=OUTPUT,
+                               help="Output file or template with {index}, {seed}, {prompt}; .png, .jpg or .webp."),
+    overwrite: bool = typer.Option(False, "--overwrite", rich_help_panel=OUTPUT,
+                                   help="Replace existing output files."),
+    json_out: bool = typer.Option(False, "--json", rich_help_panel=OUTPUT,
+                                  help="Print one JSON object per finished image on stdout, and nothing else there."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", rich_help_panel=OUTPUT,
+                               help="Only errors and warnings on stderr (no progress, no summary); nothing on "
+                                    "stdout but --json records."),
+    debug: bool = typer.Option(False, "--debug", rich_help_panel=OUTPUT, help="Show full tracebacks."),
+    model_path: Path = typer.Option(DEFAULT_MODEL, "--model-path", metavar="DIR", rich_help_panel=MODEL_FILES,
+                                    help="Checkpoint folder in the published layout, or org/name of a model in the "
+                                         f"Hugging Face cache (by default, {REPO_ID} there when the folder is absent)."),
+    transformer: Optional[Path] = typer.Option(None, "--transformer", metavar="FILE", rich_help_panel=MODEL_FILES,
+                                               help="Transformer from one safetensors file (original/ComfyUI or "
+                                                    "diffusers names)."),
+    text_encoder: Optional[Path] = typer.Option(None, "--text-encoder", metavar="FILE", rich_help_panel=MODEL_FILES,
+                                                help="Qwen3 text encoder from one safetensors file (as ComfyUI "
+                                                     "ships it)."),
+    vae: Optional[Path] = typer.Option(None, "--vae", metavar="FILE", rich_help_panel=MODEL_FILES,
+                                       help="VAE from one safetensors file (Flux ae.safetensors or diffusers names)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", metavar="DIR", rich_help_panel=MODEL_FILES,
+                                             show_default="the model folder's tokenizer/",
+                                             help="Tokenizer folder, or org/name in the Hugging Face cache."),
+    lora: List[str] = typer.Option([], "--lora", metavar="FILE[:SCALE]", show_default=False,
+                                   rich_help_panel=MODEL_FILES,
+                                   help="LoRA (.safetensors from any common trainer) merged into the model, scale 1.0 "
+                                        "unless given; repeat to combine several."),
+    cpu: bool = typer.Option(False, "--cpu", rich_help_panel=DEVICE, help="Use the CPU (same as --device cpu)."),
+    device: str = typer.Option("auto", "--device", rich_help_panel=DEVICE,
+                               help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("auto", "--dtype", rich_help_panel=DEVICE,
+                              help="auto (bfloat16 on GPUs, float32 on CPU), bfloat16 or float32."),
+    force: bool = typer.Option(False, "--force", rich_help_panel=DEVICE,
+                               help="Allow --dtype float16 although it overflows in this model."),
+    offload: Optional[str] = typer.Option(None, "--offload", show_default="none when everything fits, else chosen",
+                                          rich_help_panel=DEVICE,
+                                          help="none, model or sequential: keep weights on the CPU and move each "
+                                               "model (or transformer block) to the GPU only while it runs."),
+    compile_: bool = typer.Option(False, "--compile", rich_help_panel=DEVICE,
+                                  help="torch.compile the transformer blocks (slow first step, faster after)."),
+    vae_tiling: bool = typer.Option(False, "--vae-tiling", rich_help_panel=DEVICE,
+                                    help="Decode in overlapping tiles so large images fit in little memory."),
+    vae_dtype: str = typer.Option("auto", "--vae-dtype", rich_help_panel=DEVICE,
+                                  help="auto (float32, as the VAE config asks), float32 or bfloat16 for the decode."),
+    num_images: int = typer.Option(1, "--num-images", "-n", rich_help_panel=BATCH, help="Images per prompt."),
+    batch_size: int = typer.Option(1, "--batch-size", "-b", rich_help_panel=BATCH,
+                                   help="Images of the same size denoised together in one forward pass."),
 ) -> None:
     """Turn prompts into images."""
     setup_logging(quiet, debug)
@@ -134,46 +211,56 @@ def generate(
             raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
         if num_images < 1:
             raise UsageError(f"--num-images must be at least 1 (got {num_images})")
+        settings = given(ctx, negative_prompt=negative_prompt, width=width, height=height, num_steps=num_steps,
+                         guidance_scale=guidance_scale, cfg_normalization=cfg_normalization,
+                         cfg_truncation=cfg_truncation, seed=seed)
         try:
-            loras = tuple(parse_lora(x) for x in lora) or None
+            settings["loras"] = tuple(parse_lora(x) for x in lora) or None
         except ValueError as e:
             raise UsageError(str(e)) from None
-        settings = dict(negative_prompt=negative_prompt, width=width, height=height, num_steps=num_steps,
-                        guidance_scale=guidance_scale, cfg_normalization=cfg_normalization,
-                        cfg_truncation=cfg_truncation, seed=seed, loras=loras)
-        jobs, skipped, model = plan(prompt, prompts_file, from_png, model_path, output, num_images, overwrite,
-                                    settings)
+        jobs, skipped, model, random_seed = plan(prompt, prompts_file, from_png, given(ctx, model_path=model_path)
+                                                 ["model_path"], output, num_images, overwrite, settings,
+                                                 dict(transformer=transformer, text_encoder=text_encoder, vae=vae,
+                                                      tokenizer=tokenizer))
         opts = runtime_options(model, jobs, batch_size, cpu, device, dtype, force, offload, compile_, vae_tiling,
                                vae_dtype, quiet, overwrite)
         for message in skipped:
             err(f"skipped: {message}")
+        if random_seed is not None and jobs:
+            log.info("seed %d (random; pass --seed %d to reproduce)", random_seed, random_seed)
         failed = run_jobs(opts, jobs, batch_size, json_out)
     raise typer.Exit(EXIT_OK if not failed and not skipped else EXIT_FAILED)
 
 
-def runtime_options(model: Path, jobs: list[Job], batch_size: int, cpu: bool, device: Optional[str],
+def runtime_options(model, jobs: list[Job], batch_size: int, cpu: bool, device: str,
                     dtype: Optional[str], force: bool, offload: Optional[str], compile_: bool, vae_tiling: bool,
                     vae_dtype: Optional[str], quiet: bool, overwrite: bool):
-    """Device, dtype and offload mode for the run, after checking that its largest batch fits in memory."""
+    """Device, dtype and offload mode for the run, after checking that its largest batch fits in memory. `model`
+    is the run's ModelFiles."""
     from .devices import choose_offload, estimate, pick_device, pick_dtype
     from .pipeline import OFFLOAD_MODES, Options
 
     if offload is not None and offload not in OFFLOAD_MODES:
         raise UsageError(f"--offload must be one of {', '.join(OFFLOAD_MODES)} (got '{offload}')")
+    if cpu and device not in ("auto", "cpu"):
+        raise UsageError(f"--cpu and --device {device} conflict; give one of them")
     dev = pick_device(device, cpu)
+    if offload in ("model", "sequential") and dev.type != "cuda":
+        log.warning("warning: --offload %s saves no memory on %s: the weights already live in the memory it computes "
+                    "from, so offloading only adds copies (same image, slower)", offload, dev.type)
     dt = pick_dtype(dtype, dev, force)
     vae_dt = None if vae_dtype in (None, "auto") else pick_dtype(vae_dtype, dev, force)
     if not jobs:
-        return Options(model, dev, dt)
+        return Options(model.folder, dev, dt, files=model)
     largest = max(jobs, key=lambda j: j.settings.width * j.settings.height).settings
     needs = estimate(model, dt, largest.width, largest.height, min(batch_size, len(jobs)),
-                     any(j.settings.guidance_scale > 0 for j in jobs))
+                     any(j.settings.guidance_scale > 0 for j in jobs), VAE_TILE if vae_tiling else None)
     mode, note = choose_offload(needs, dev, dt, offload)
     if note:
         log.info(note)
     log.info("device %s, %s, offload %s; %d image(s)", dev, str(dt).removeprefix("torch."), mode, len(jobs))
-    return Options(model, dev, dt, mode, compile_, VAE_TILE if vae_tiling else None, vae_dt, not quiet,
-                   overwrite)
+    return Options(model.folder, dev, dt, mode, compile_, VAE_TILE if vae_tiling else None, vae_dt, not quiet,
+                   overwrite, files=model)
 
 
 def run_jobs(opts, jobs: list[Job], batch_size: int, json_out: bool) -> list[str]:
@@ -216,112 +303,48 @@ def run_jobs(opts, jobs: list[Job], batch_size: int, json_out: bool) -> list[str
         raise
     elapsed = time.perf_counter() - start
     if len(jobs) == 1 and written:
-        err(f"Saved {written[0].output} (seed {written[0].settings.seed}, {elapsed:.1f}s)")
+        log.info("Saved %s (seed %d, %.1fs)", written[0].output, written[0].settings.seed, elapsed)
     else:
-        err(f"{len(written)} image(s) written, {len(failed)} failed, in {elapsed:.1f}s")
+        log.info("%d image(s) written, %d failed, in %.1fs", len(written), len(failed), elapsed)
     return failed
 
 
-def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path], model_path: Optional[Path],
-         output: Optional[str], num_images: int, overwrite: bool, given: dict) -> tuple[list[Job], list[str], Path]:
-    """Everything checkable before loading: settings, prompts, outputs, the model folder. Returns the jobs,
-    the messages of skipped items, and the model folder. `given` holds the setting flags (None = not given)."""
-    from .check import require_layout
-    from .scheduler import SchedulerConfig
-    from .transformer import TransformerConfig
-    from .vae import VAEConfig
-
-    base, meta = base_settings(from_png, **given)
-    if given["seed"] is None and "seed" not in meta:
-        base["seed"] = secrets.randbits(32)
-        log.info("seed %d (random; pass --seed %d to reproduce)", base["seed"], base["seed"])
-    model = model_path or (Path(meta["model_path"]) if "model_path" in meta else DEFAULT_MODEL)
-    output = output or DEFAULT_OUTPUT
-
-    items = [Item({"prompt": p}, f"--prompt {i + 1}", True) for i, p in enumerate(prompt)]
-    file_errors: list[str] = []
-    if prompts_file is not None:
-        file_items, file_errors = read_prompts_file(prompts_file)
-        items += file_items
-        if not file_items and not prompt and not file_errors:
-            raise UsageError(f"no prompts in {prompts_file}")
-    elif not prompt:
-        if "prompt" not in meta:
-            raise UsageError("no prompt: give --prompt TEXT, --prompts-file FILE or --from-png FILE")
-        items = [Item({"prompt": meta["prompt"]}, f"--from-png {from_png}", True)]
-
-    # settings shared by every image are usage errors, found before reading any model file
-    if problem := settings_problem(Settings(prompt="x", **base), max_side=16 * 512):
-        raise UsageError(problem)
-    for item in items:
-        if item.from_cli and not item.fields["prompt"].strip():
-            raise UsageError(f"{item.origin}: the prompt is empty")
-    probe = Path(output.format(index=0, seed=0, prompt="p")) if "{" in output else Path(output)
-    if problem := output_problem(probe):
-        raise UsageError(problem)
-
-    require_layout(model)
-    tcfg = read_config(TransformerConfig.from_json, model / "transformer" / "config.json")
-    vcfg = read_config(VAEConfig.from_json, model / "vae" / "config.json")
-    read_config(SchedulerConfig.from_json, model / "scheduler" / "scheduler_config.json")
-    max_side = tcfg.max_image_side * vcfg.scale_factor
-    guidance_given = given["guidance_scale"] is not None or "guidance_scale" in settings_from(meta)
-    result = plan_jobs(base, items, output, num_images, str(model), max_side, guidance_given, overwrite)
-    cli_errors = [m for item, m in result.errors if item.from_cli]
-    if cli_errors:
-        raise UsageError(cli_errors[0])
-    jobs, lora_errors = checked_loras(result.jobs, model, base["loras"])
-    return jobs, file_errors + [m for _, m in result.errors] + lora_errors, model
-
-
-def checked_loras(jobs: list[Job], model: Path, given: tuple) -> tuple[list[Job], list[str]]:
-    """The jobs with each LoRA's sha256 filled in, after checking every LoRA file fits the model (from headers only,
-    before any weights load) and that files named by --from-png are unchanged. A bad file of `given` (--lora or
-    --from-png) is a usage error; one named only by prompts-file lines skips those lines (returned messages)."""
-    from dataclasses import replace
-
-    from .lora import LoraError, model_shapes, read_lora, sha256
-
-    refs = {r.path: r for j in jobs for r in j.settings.loras}
-    if not refs:
-        return jobs, []
-    shapes = model_shapes(model)
-    sums, problems = {}, {}
-    for path, ref in refs.items():
-        try:
-            if ref.sha256 and not Path(path).is_file():
-                raise LoraError(f"--from-png: the image was made with LoRA file {path}, which is not there any more")
-            lora = read_lora(Path(path), shapes)
-            sums[path] = sha256(Path(path))
-            if ref.sha256 and ref.sha256 != sums[path]:
-                raise LoraError(f"--from-png: LoRA file {path} changed since the image was made (sha256 "
-                                f"{sums[path][:12]}..., the image says {ref.sha256[:12]}...)")
-        except LoraError as e:
-            if path in {r.path for r in given}:
-                raise UsageError(str(e)) from None
-            problems[path] = str(e)
-            continue
-        if lora.unmatched:
-            log.warning("LoRA file %s: %d key(s) match nothing in Z-Image and are ignored: %s%s", Path(path).name,
-                        len(lora.unmatched), ", ".join(lora.unmatched[:3]), ", ..." if len(lora.unmatched) > 3 else "")
-    ok = [j for j in jobs if not any(r.path in problems for r in j.settings.loras)]
-    skipped = list(dict.fromkeys(f"{j.origin}: {problems[r.path]}" for j in jobs for r in j.settings.loras
-                                 if r.path in problems))
-    return [replace(j, settings=replace(j.settings, loras=tuple(replace(r, sha256=sums[r.path])
-                                                               for r in j.settings.loras))) for j in ok], skipped
-
-
-@app.command()
+@app.command(cls=Command)
 def check(
-    model_path: Path = typer.Option(DEFAULT_MODEL, "--model-path", help="Checkpoint folder to verify."),
+    ctx: typer.Context,
+    folder: Path = typer.Argument(DEFAULT_MODEL, metavar="DIR", help="Checkpoint folder to verify."),
+    model_path: Optional[Path] = typer.Option(None, "--model-path", metavar="DIR", show_default=False,
+                                              help="The same as DIR (the spelling `generate` uses)."),
+    transformer: Optional[Path] = typer.Option(None, "--transformer", metavar="FILE", rich_help_panel=MODEL_FILES,
+                                               help="Check this single transformer file instead of the folder's."),
+    text_encoder: Optional[Path] = typer.Option(None, "--text-encoder", metavar="FILE", rich_help_panel=MODEL_FILES,
+                                                help="Check this single text encoder file instead of the folder's."),
+    vae: Optional[Path] = typer.Option(None, "--vae", metavar="FILE", rich_help_panel=MODEL_FILES,
+                                       help="Check this single VAE file instead of the folder's."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", metavar="DIR", rich_help_panel=MODEL_FILES,
+                                             help="Check this tokenizer folder instead of the folder's."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Verify a checkpoint folder: layout, configs, index entries, safetensors headers and tensor shapes."""
+    """Verify a checkpoint folder (or org/name in the Hugging Face cache) and single files: layout, configs, index
+    entries, safetensors headers, tensor names and shapes."""
     from dataclasses import asdict
 
-    from .check import check_model
+    from .check import check_sources
+    from .hub import resolve_model_path
+    from .modelfiles import sources
 
-    reports = check_model(model_path)
+    folder_given = given(ctx, folder=folder)["folder"]
+    if folder_given and model_path and folder_given != model_path:
+        err(f"error: two folders given ({folder} and --model-path {model_path}); give one")
+        raise typer.Exit(EXIT_USAGE)
+    named = model_path or folder_given
+    try:
+        model_path = resolve_model_path(None if named is None else str(named.expanduser()), DEFAULT_MODEL)
+        files = sources(model_path, named is not None, transformer, text_encoder, vae, tokenizer)
+    except (UsageError, MissingFileError) as e:
+        err(f"error: {e}")
+        raise typer.Exit(EXIT_USAGE)
+    reports = check_sources(files)
     ok = all(r.ok for r in reports)
     if json_out:
         typer.echo(json.dumps({"ok": ok, "model_path": str(model_path), "components": [asdict(r) for r in reports]}))
@@ -332,9 +355,9 @@ def check(
     raise typer.Exit(EXIT_OK if ok else EXIT_FAILED)
 
 
-@app.command("make-tiny")
+@app.command("make-tiny", cls=Command)
 def make_tiny_cmd(
-    out: Path = typer.Argument(..., help="Folder to write (replaced only if it is empty or an earlier tiny checkpoint)."),
+    out: Path = typer.Argument(..., metavar="DIR", help="Folder to write (replaced only if it is empty or an earlier tiny checkpoint)."),
     shards: int = typer.Option(1, "--shards", help="Write each weight file as this many shards plus an index."),
     dynamic_shift: bool = typer.Option(False, "--dynamic-shift", help="Scheduler with resolution-dependent shift."),
     no_prefix: bool = typer.Option(False, "--no-prefix", help="Text encoder keys without the 'model.' prefix."),

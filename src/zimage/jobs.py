@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UsageError
 from .images import FORMATS
 
 MAX_SEED = 2**64 - 1
@@ -18,10 +19,6 @@ DEFAULT_GUIDANCE_WITH_NEGATIVE = 5.0
 JSONL_FIELDS = {"prompt", "negative_prompt", "seed", "width", "height", "num_steps", "guidance_scale", "output",
                 "cfg_normalization", "cfg_truncation", "num_images", "loras"}
 PLACEHOLDERS = {"index", "seed", "prompt"}
-
-
-class UsageError(Exception):
-    """Bad input found before any work: reported on one line, exit code 2."""
 
 
 class ItemError(Exception):
@@ -102,7 +99,8 @@ class Job:
         return {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "steps": s.num_steps,
                 "guidance": s.guidance_scale, "cfg_normalization": s.cfg_normalization,
                 "cfg_truncation": s.cfg_truncation, "seed": s.seed, "width": s.width, "height": s.height,
-                "model": Path(self.model).name, "model_path": self.model,
+                "model": Path(os.path.abspath(self.model)).name, "model_path": os.path.abspath(self.model),
+                "model_path_given": self.model,  # the absolute path re-runs from any folder; as typed, for the record
                 **({"loras": [{"name": Path(r.path).name, "path": r.path, "sha256": r.sha256, "scale": r.scale}
                               for r in s.loras]} if s.loras else {})}
 
@@ -190,8 +188,8 @@ def render_output(template: str, index: int, seed: int, prompt: str, numbered: b
     """The file for image `index`. Without placeholders and `numbered`, `-0000`... goes before the extension."""
     if not template_fields(template) and numbered:
         p = Path(template)
-        return p.with_name(f"{p.stem}-{index:04d}{p.suffix}")
-    return Path(template.format(index=index, seed=seed, prompt=slug(prompt)))
+        return p.with_name(f"{p.stem}-{index:04d}{p.suffix}").expanduser()
+    return Path(template.format(index=index, seed=seed, prompt=slug(prompt))).expanduser()  # a quoted ~ too
 
 
 @dataclass(frozen=True)
@@ -241,14 +239,16 @@ def read_prompt_lines(text: str, name: str, jsonl: bool, base: Path | None = Non
 
 def read_prompts_file(path: str) -> tuple[list[Item], list[str]]:
     if path == "-":
-        text = sys.stdin.read()
+        text = sys.stdin.read().removeprefix("\ufeff")  # a byte-order mark is not part of the first prompt
         first = next((ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")), "")
         return read_prompt_lines(text, "stdin", jsonl=first.startswith("{"))  # JSONL when it looks like it
-    p = Path(path)
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UsageError(f"prompts file {p} is a folder; give a text or .jsonl file")
     if not p.is_file():
         raise UsageError(f"prompts file {p} not found")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # utf-8, dropping a byte-order mark that editors may write
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read prompts file {p}: {e}") from None
     return read_prompt_lines(text, p.name, jsonl=p.suffix.lower() == ".jsonl", base=p.parent)

@@ -16,7 +16,9 @@ from safetensors import safe_open
 from torch import Tensor
 
 from .lora_keys import COMPONENTS, Target, aliases, family, locate, split_key
-from .weights import WEIGHT_STEMS, WeightsError, checkpoint_header
+from . import singlefile
+from .modelfiles import ModelFiles, weights_header
+from .weights import Piece, WeightsError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights keeps r and lora_alpha
@@ -66,14 +68,20 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def model_shapes(model_path: Path) -> dict[str, dict[str, tuple[int, ...]]]:
-    """Weight shapes of the transformer and the text encoder under our module keys, from the checkpoint headers."""
+def model_shapes(source: ModelFiles | Path) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Weight shapes of the transformer and the text encoder under our module keys, from the headers of a folder or
+    of the run's single files (no config is read, no model built)."""
+    files = ModelFiles.of(source)
     out = {}
-    for component in COMPONENTS:
-        header = checkpoint_header(model_path / component, WEIGHT_STEMS[component])
-        names = {k.removeprefix("model.") if component == "text_encoder" else k: info.shape
-                 for k, (_, info) in header.items()}
-        out[component] = names
+    for name in COMPONENTS:
+        infos = {n: info for n, (_, info) in weights_header(files, name).items()}
+        if files.file(name) is not None:
+            found = singlefile.pieces(name, infos)
+        elif name == "text_encoder":
+            found = {k: p for n in infos for k, p in singlefile.text_encoder_pieces_of(n).items()}
+        else:
+            found = {n: Piece(n) for n in infos}
+        out[name] = singlefile.piece_shapes(infos, found)
     return out
 
 

@@ -16,16 +16,19 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from .errors import OutOfMemory
 from .images import save_image, to_pil
 from .jobs import Job
 from .lora import LoraSet, model_shapes, read_lora
 from .devices import tune_allocator
+from .modelfiles import ModelFiles, component, scheduler_config
+from .compiling import compile_blocks, uncompile
 from .offload import BlockStreamer, empty_cache
-from .scheduler import Guidance, SchedulerConfig, denoise, get_noise, get_sigmas, model_times
+from .scheduler import Guidance, denoise, get_noise, get_sigmas, model_times
 from .text_encoder import TextEncoder
-from .transformer import TransformerConfig, ZImageTransformer
+from .transformer import ZImageTransformer
 from .vae import AutoencoderKL, VAEConfig
-from .weights import WEIGHT_STEMS, load_weights
+from .weights import Patch, expected_shapes, load_pieces, match_pieces
 
 log = logging.getLogger("zimage")
 
@@ -50,10 +53,6 @@ def interrupts_held():
         raise KeyboardInterrupt
 
 
-class OutOfMemory(RuntimeError):
-    """The device ran out of memory; the message says what was being made."""
-
-
 @dataclass(frozen=True)
 class Options:
     model_path: Path
@@ -65,6 +64,11 @@ class Options:
     vae_dtype: torch.dtype | None = None  # None: float32 when the VAE config asks to upcast, else `dtype`
     progress: bool = True
     overwrite: bool = False
+    files: ModelFiles | None = None  # where each component comes from; None: everything from model_path
+
+    @property
+    def sources(self) -> ModelFiles:
+        return self.files or ModelFiles(folder=self.model_path)
 
 
 @dataclass
@@ -77,24 +81,28 @@ class Timings:
     decode: float = 0.0
 
 
-def load_transformer(model_path: Path, device: torch.device, dtype: torch.dtype,
-                     patch: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> ZImageTransformer:
-    folder = model_path / "transformer"
+def load_transformer(source: ModelFiles | Path, device: torch.device, dtype: torch.dtype,
+                     patch: Patch | None = None) -> ZImageTransformer:
+    """The transformer from a checkpoint folder or the ModelFiles of a run (a single file in any layout); `patch`
+    edits weights as they load (see weights.load_pieces)."""
+    comp = component(ModelFiles.of(source), "transformer")
     with torch.device("meta"):
-        model = ZImageTransformer(TransformerConfig.from_json(folder / "config.json"))
-    return load_weights(model, folder, WEIGHT_STEMS["transformer"], dtype, device, patch=patch)
+        model = ZImageTransformer(comp.config)
+    match_pieces(comp.header, expected_shapes(model), comp.pieces, comp.configured_by, comp.where)
+    return load_pieces(model, comp.header, comp.pieces, dtype, device, patch)
 
 
-def load_vae(model_path: Path, device: torch.device, dtype: torch.dtype | None = None,
+def load_vae(source: ModelFiles | Path, device: torch.device, dtype: torch.dtype | None = None,
              run_dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     """The VAE in `dtype`; by default in float32 when its config's force_upcast asks (the published one does),
     else in the run's dtype."""
-    folder = model_path / "vae"
-    cfg = VAEConfig.from_json(folder / "config.json")
+    comp = component(ModelFiles.of(source), "vae")
+    cfg: VAEConfig = comp.config
     with torch.device("meta"):
         model = AutoencoderKL(cfg)
+    match_pieces(comp.header, expected_shapes(model), comp.pieces, comp.configured_by, comp.where)
     dtype = dtype or (torch.float32 if cfg.force_upcast else run_dtype)
-    model = load_weights(model, folder, WEIGHT_STEMS["vae"], dtype, device)
+    model = load_pieces(model, comp.header, comp.pieces, dtype, device)
     if device.type != "mps":
         model.to(memory_format=torch.channels_last)  # oneDNN and cuDNN convolutions run faster on NHWC
     return model
@@ -122,7 +130,7 @@ def batches(jobs: list[Job], size: int) -> list[list[Job]]:
     return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
 
 
-def lora_groups(jobs: list[Job], model_path: Path) -> dict[tuple, tuple[LoraSet | None, list[Job]]]:
+def lora_groups(jobs: list[Job], files: ModelFiles) -> dict[tuple, tuple[LoraSet | None, list[Job]]]:
     """Jobs grouped by their LoRA set (first-seen order), each set read once."""
     groups: dict[tuple, tuple[LoraSet | None, list[Job]]] = {}
     shapes = None
@@ -131,7 +139,7 @@ def lora_groups(jobs: list[Job], model_path: Path) -> dict[tuple, tuple[LoraSet 
         if refs not in groups:
             loras = None
             if refs:
-                shapes = shapes or model_shapes(model_path)
+                shapes = shapes or model_shapes(files)
                 loras = LoraSet([(read_lora(Path(r.path), shapes), r.scale) for r in refs])
             groups[refs] = (loras, [])
         groups[refs][1].append(job)
@@ -150,7 +158,7 @@ class Pipeline:
     def __init__(self, opts: Options):
         tune_allocator()
         self.opts = opts
-        self.scheduler = SchedulerConfig.from_json(opts.model_path / "scheduler" / "scheduler_config.json")
+        self.scheduler = scheduler_config(opts.sources)
         self.timings = Timings()
         self.transformer: ZImageTransformer | None = None
         self.vae: AutoencoderKL | None = None
@@ -171,44 +179,53 @@ class Pipeline:
         unique = list(dict.fromkeys(prompts))
         t0 = time.perf_counter()
         streamed = self.opts.offload == "sequential"
-        encoder = TextEncoder.load(self.opts.model_path, self.storage_device if streamed else self.compute_device,
+        encoder = TextEncoder.load(self.opts.sources, self.storage_device if streamed else self.compute_device,
                                    self.opts.dtype, loras.patch("text_encoder") if loras else None)
         if loras:
             loras.close()
-        if streamed:
-            BlockStreamer(encoder.model, list(encoder.model.layers), self.compute_device)
+        streamer = BlockStreamer(encoder.model, list(encoder.model.layers), self.compute_device) if streamed else None
         self.timings.load += time.perf_counter() - t0
         log.info("text encoder loaded in %.1fs", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        feats = dict(zip(unique, encoder.encode(unique)))
+        try:
+            feats = dict(zip(unique, encoder.encode(unique)))
+        finally:
+            if streamer is not None:
+                streamer.remove()  # its hooks and the layers form a cycle that would keep the pinned weights
+            released = [weakref.ref(encoder.model)]
+            del encoder, streamer
+            free_memory(released, self.compute_device)
         self.timings.encode += time.perf_counter() - t0
-        released = [weakref.ref(encoder.model)]
-        del encoder
-        free_memory(released, self.compute_device)
         return feats
 
     def load_denoiser(self, loras: LoraSet | None = None) -> None:
         """The transformer with `loras` merged, and the VAE unless it is loaded already."""
         t0 = time.perf_counter()
-        self.transformer = load_transformer(self.opts.model_path, self.storage_device, self.opts.dtype,
+        self.transformer = load_transformer(self.opts.sources, self.storage_device, self.opts.dtype,
                                             loras.patch("transformer") if loras else None)
         if loras:
             loras.close()
         if self.opts.offload == "sequential":
             t = self.transformer
-            self.streamer = BlockStreamer(t, [*t.noise_refiner, *t.context_refiner, *t.layers], self.compute_device)
+            self.streamer = BlockStreamer(t, self.blocks, self.compute_device)
         if self.opts.compile:
-            for block in [*self.transformer.noise_refiner, *self.transformer.context_refiner, *self.transformer.layers]:
-                block.compile(dynamic=False)
+            compile_blocks(self.blocks)
         if self.vae is None:
-            self.vae = load_vae(self.opts.model_path, self.storage_device, self.opts.vae_dtype, self.opts.dtype)
+            self.vae = load_vae(self.opts.sources, self.storage_device, self.opts.vae_dtype, self.opts.dtype)
         self.timings.load += time.perf_counter() - t0
         log.info("transformer and VAE loaded in %.1fs", time.perf_counter() - t0)
 
+    @property
+    def blocks(self) -> list[torch.nn.Module]:
+        t = self.transformer
+        return [*t.noise_refiner, *t.context_refiner, *t.layers] if t is not None else []
+
     def release_transformer(self) -> None:
+        # hooks and compiled forwards hold their blocks in cycles: undo both, so reference counting frees them
         if self.streamer is not None:
             self.streamer.remove()
-        released = [weakref.ref(self.transformer)] if self.transformer is not None else []
+        uncompile(self.blocks)
+        released = [weakref.ref(m) for m in [self.transformer, *self.blocks] if m is not None]
         self.transformer = self.streamer = None
         free_memory(released, self.compute_device)
 
@@ -269,7 +286,7 @@ class Pipeline:
         and `on_error(job, message)` when a file cannot be written."""
         what = "loading the models"
         try:
-            groups = lora_groups(jobs, self.opts.model_path)
+            groups = lora_groups(jobs, self.opts.sources)
             wanted: dict[tuple, tuple[LoraSet | None, list[str]]] = {}  # text-encoder LoRA set -> its prompts
             for refs, (loras, group) in groups.items():
                 te = te_refs(refs, loras)
