@@ -486,3 +486,17 @@ def test_fused_qkv_in_some_blocks_and_split_in_others_and_redundant_fused_copies
     for m, (down, up) in modules(sd).items():
         expected = (cfg.lora_alpha / cfg.r) * (up @ down)
         assert torch.allclose(loras.delta("transformer", m + ".weight"), expected, atol=1e-6), m
+
+
+def test_lora_on_a_single_file_transformer_in_the_original_layout_makes_the_folder_image(tiny, tmp_path):
+    """The LoRA's keys map onto our module keys, whatever layout the transformer file has (fused qkv read as rows)."""
+    from test_singlefile import folder_state, save, to_original_transformer
+
+    original = save(to_original_transformer(folder_state(tiny, "transformer"), "model.diffusion_model."),
+                    tmp_path / "z_image_turbo.safetensors")
+    sd, cfg = peft_lora(tiny, BLOCKS + ["layers.1.adaLN_modulation.0"], seed=17)
+    path = write(dialect(sd, cfg, "kohya"), tmp_path / "k.safetensors")
+    folder = ours(tiny, tmp_path / "folder.png", "--lora", f"{path}:0.9")
+    single = ours(tiny, tmp_path / "single.png", "--lora", f"{path}:0.9", "--transformer", str(original))
+    assert np.array_equal(folder, single)
+    assert np.abs(folder - ours(tiny, tmp_path / "plain.png", "--transformer", str(original))).max() > 10
