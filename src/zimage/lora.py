@@ -15,8 +15,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from .lora_keys import COMPONENTS, Target, aliases, family, locate, split_key
 from . import singlefile
+from .lora_keys import COMPONENTS, Target, aliases, family, locate, split_key
 from .modelfiles import ModelFiles, weights_header
 from .weights import Piece, WeightsError
 
@@ -239,7 +239,8 @@ def is_alias(m: Module) -> bool:
 class LoraSet:
     """LoRA files with their scales, merged together: the float32 delta for any weight key, and load-time patches.
 
-    Other loaders (quantized, GGUF) call `delta(component, key)` and merge it themselves."""
+    Loaders that do not go through `weights.load_pieces` (quantized, GGUF) ask `keys(component)` which weights
+    change, and `delta(component, key)` or `merge_into(component, key, weight)` for each."""
 
     def __init__(self, loras: list[tuple[Lora, float]]):
         self.loras = loras
