@@ -77,6 +77,7 @@ def run_zimage(a) -> dict:
 
     model = Path(a.model_path)
     extra = {"vae_dtype": getattr(torch, a.vae_dtype)} if a.vae_dtype else {}
+    extra.update(quantize=a.quantize, quantize_text_encoder=a.quantize_text_encoder)
     opts = Options(model, device, dtype, offload=a.offload, compile=a.compile, progress=False, **extra)
     settings = Settings(prompt=a.prompt, width=a.width, height=a.height, num_steps=a.steps, seed=a.seed)
     job = Job(settings, Path(a.result).with_suffix(".png"), 0, "bench", str(model))
@@ -252,7 +253,8 @@ def run_child(impl: str, a, model: Path, workdir: Path, run: int = 0) -> dict:
            "--model-path", str(model), "--dtype", a.dtype, "--device", a.device, "--width", str(a.width),
            "--height", str(a.height), "--steps", str(a.steps), "--seed", str(a.seed), "--prompt", a.prompt,
            "--offload", a.offload] + (["--compile"] if a.compile else []) + (
-           ["--vae-dtype", a.vae_dtype] if a.vae_dtype else [])
+           ["--vae-dtype", a.vae_dtype] if a.vae_dtype else []) + [
+           "--quantize", a.quantize, "--quantize-text-encoder", a.quantize_text_encoder]
     if a.cold:
         drop_page_cache()
     wait_quiet(a.quiet_wait)
@@ -473,6 +475,10 @@ def main() -> int:
                     help="set an environment variable for the zimage child only (what-if experiments)")
     ap.add_argument("--vae-dtype", choices=("float32", "bfloat16"),
                     help="zimage's VAE dtype (default: float32, as the VAE config's force_upcast asks)")
+    ap.add_argument("--quantize", default="none", choices=("none", "int8", "fp8"),
+                    help="zimage: quantize the transformer's weights while loading (a GGUF model folder needs none)")
+    ap.add_argument("--quantize-text-encoder", default="none", choices=("none", "int8", "fp8"),
+                    help="zimage: the same for the text encoder")
     ap.add_argument("--only", choices=IMPLS, help="run one implementation only")
     ap.add_argument("--min-free-gib", type=float, default=0.75,
                     help="kill a child when the machine's available memory falls below this (default 0.75)")

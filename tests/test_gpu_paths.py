@@ -64,7 +64,7 @@ class DtypeSpy(TorchDispatchMode):
 # the sigma schedule (as the reference's numpy) and the RoPE angle tables (positions up to 1535 times frequencies).
 HOST_FLOAT64 = {"get_sigmas", "rope_angles"}
 # complex64 only in the eager CPU RoPE kernel (a single fused multiply there); GPUs and compile take the real one.
-CPU_COMPLEX64 = {"rotate_complex"}
+CPU_COMPLEX64 = {"rotate_complex", "with_cis", "Rope.expand"}
 
 
 def forbidden(made) -> list:

@@ -8,14 +8,14 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
+from .layout import missing_hint
 from .modelfiles import ModelFiles, checked, scheduler_config
 from .scheduler import SchedulerConfig
 from .transformer import TransformerConfig, ZImageTransformer
 from .vae import AutoencoderKL, VAEConfig
-from .layout import missing_hint
 from .weights import (CONFIG_NAMES, WEIGHT_STEMS, MissingFileError, WeightsError,
-                      checkpoint_header, expected_shapes, human_bytes, match_keys, read_config, read_json,
-                      require_tokenizer, weight_files)
+                      checkpoint_header, expected_shapes, find_gguf, human_bytes, match_keys, read_config,
+                      read_json, require_tokenizer, weight_files)
 
 COMPONENTS = ("scheduler", "tokenizer", "text_encoder", "transformer", "vae")
 
@@ -34,7 +34,7 @@ def require_layout(model_path: Path) -> None:
             read_json(folder / CONFIG_NAMES[name])
         if name == "tokenizer":
             require_tokenizer(folder)
-        if name in WEIGHT_STEMS:
+        if name in WEIGHT_STEMS and find_gguf(folder, WEIGHT_STEMS[name]) is None:
             weight_files(folder, WEIGHT_STEMS[name])
 
 
@@ -90,6 +90,15 @@ class ComponentReport:
                 f"{'/'.join(self.dtypes)}, {human_bytes(self.bytes)}{where}")
 
 
+def gguf_report(model_path: Path, name: str) -> ComponentReport:
+    """The report of a GGUF file standing in for a folder component: names and shapes checked against the config,
+    types and sizes as stored."""
+    comp = checked(ModelFiles(folder=model_path), name)
+    infos = [info for _, info in comp.header.values()]
+    return ComponentReport(name, True, files=1, parameters=sum(i.numel for i in infos),
+                           dtypes=sorted({i.dtype for i in infos}), bytes=sum(i.nbytes for i in infos))
+
+
 def check_component(model_path: Path, name: str) -> ComponentReport:
     """The report of one component; never raises, so that every component gets its line."""
     folder = model_path / name
@@ -103,6 +112,8 @@ def check_component(model_path: Path, name: str) -> ComponentReport:
             require_tokenizer(folder)
             return ComponentReport(name, True)
         read_json(folder / CONFIG_NAMES[name])
+        if find_gguf(folder, WEIGHT_STEMS[name]) is not None:
+            return gguf_report(model_path, name)
         header = checkpoint_header(folder, WEIGHT_STEMS[name])
         rename = text_encoder_key if name == "text_encoder" else (lambda k: k)
         match_keys(header, expected_for(model_path, name), rename, folder)

@@ -19,6 +19,7 @@ from .jobs import Job, Settings, parse_lora
 from .layout import DEFAULT_MODEL
 from .published import REPO_ID
 from .planning import plan
+from .report import record, report_group, summarize
 
 # torch, transformers, numpy and PIL are imported inside the functions that need them: `--help` and usage errors
 # stay fast because they never load them.
@@ -187,7 +188,8 @@ def generate(
     device: str = typer.Option("auto", "--device", rich_help_panel=DEVICE,
                                help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option("auto", "--dtype", rich_help_panel=DEVICE,
-                              help="auto (bfloat16 on GPUs, float32 on CPU), bfloat16 or float32."),
+                              help="auto (bfloat16 on GPUs; on the CPU bfloat16 where it computes it natively "
+                                   "or float32 would not fit, else float32, said at start), bfloat16 or float32."),
     force: bool = typer.Option(False, "--force", rich_help_panel=DEVICE,
                                help="Allow --dtype float16 although it overflows in this model."),
     offload: Optional[str] = typer.Option(None, "--offload", show_default="none when everything fits, else chosen",
@@ -203,14 +205,36 @@ def generate(
     num_images: int = typer.Option(1, "--num-images", "-n", rich_help_panel=BATCH, help="Images per prompt."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", rich_help_panel=BATCH,
                                    help="Images of the same size denoised together in one forward pass."),
+    skip_existing: bool = typer.Option(False, "--skip-existing", rich_help_panel=BATCH,
+                                       help="Keep outputs already made with the same settings and make the rest: "
+                                            "run a stopped batch again to finish it."),
+    shard: Optional[str] = typer.Option(None, "--shard", metavar="K/N", rich_help_panel=BATCH,
+                                        help="Make only share K of N of the run (K from 0), e.g. one task of a "
+                                             "SLURM array; N runs with K=0..N-1 make all of it."),
+    quantize: str = typer.Option("none", "--quantize", rich_help_panel=DEVICE,
+                                 help="none, int8 (any device) or fp8 (CUDA capability 8.9+): store the "
+                                      "transformer's linear weights quantized, made tensor by tensor while loading. "
+                                      "A GGUF transformer is already quantized."),
+    quantize_text_encoder: str = typer.Option("none", "--quantize-text-encoder", rich_help_panel=DEVICE,
+                                              help="none, int8 or fp8: the same for the text encoder."),
 ) -> None:
     """Turn prompts into images."""
+    from . import dist, resume
+
     setup_logging(quiet, debug)
     with reported(debug):
         if batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
         if num_images < 1:
             raise UsageError(f"--num-images must be at least 1 (got {num_images})")
+        part = dist.current(shard)
+        quiet = quiet or part.group_rank > 0  # only rank 0 of a torchrun group reports
+        setup_logging(quiet, debug)
+        if part.world > 1 and seed is None and from_png is None:
+            raise UsageError("give --seed when the run is split (--shard or torchrun), so that every process "
+                             "plans the same images")
+        if part.launched and prompts_file == "-":
+            raise UsageError("torchrun processes cannot share stdin: give --prompts-file a file")
         settings = given(ctx, negative_prompt=negative_prompt, width=width, height=height, num_steps=num_steps,
                          guidance_scale=guidance_scale, cfg_normalization=cfg_normalization,
                          cfg_truncation=cfg_truncation, seed=seed)
@@ -219,94 +243,139 @@ def generate(
         except ValueError as e:
             raise UsageError(str(e)) from None
         jobs, skipped, model, random_seed = plan(prompt, prompts_file, from_png, given(ctx, model_path=model_path)
-                                                 ["model_path"], output, num_images, overwrite, settings,
+                                                 ["model_path"], output, num_images, settings,
                                                  dict(transformer=transformer, text_encoder=text_encoder, vae=vae,
                                                       tokenizer=tokenizer))
-        opts = runtime_options(model, jobs, batch_size, cpu, device, dtype, force, offload, compile_, vae_tiling,
-                               vae_dtype, quiet, overwrite)
-        for message in skipped:
+        mine = resume.triage(dist.share(batches_of(jobs, batch_size), part), overwrite, skip_existing)
+        if blocked := [m for j, m in mine.blocked if j.origin.startswith("--")]:
+            raise UsageError(blocked[0])  # an image asked for on the command line is not silently left out
+        opts = runtime_options(model, mine.todo, batch_size, cpu, device, dtype, force, offload, compile_,
+                               vae_tiling, vae_dtype, quiet, overwrite, quantize, quantize_text_encoder)
+        group = dist.Group(part, opts.device) if part.launched else None
+        if group and not group.agree(dist.digest(jobs)):
+            raise UsageError("the torchrun processes planned different runs: start each with the same command, "
+                             "files and --seed")
+        failures = (skipped if part.rank == 0 else []) + [m for _, m in mine.blocked]  # bad lines: said once
+        for message in failures:
             err(f"skipped: {message}")
-        if random_seed is not None and jobs:
+        if random_seed is not None and mine.todo:
             log.info("seed %d (random; pass --seed %d to reproduce)", random_seed, random_seed)
-        failed = run_jobs(opts, jobs, batch_size, json_out)
-    raise typer.Exit(EXIT_OK if not failed and not skipped else EXIT_FAILED)
+        resume.clean(mine.todo + mine.done, mine.stale)
+    start = time.perf_counter()
+    code = EXIT_OK
+    records: list[dict] = []
+    try:
+        with reported(debug):
+            records, failed = run_jobs(opts, mine.todo, mine.done, batch_size, json_out and group is None)
+            failures += failed
+    except typer.Exit as e:
+        if group is None or e.exit_code == EXIT_INTERRUPTED:
+            raise
+        code = e.exit_code  # the error is said; rank 0 still reports this process's images with the others'
+    elapsed = time.perf_counter() - start
+    if group is None:
+        if not mine.todo and not mine.done and part.world == 1:  # every image was refused
+            err("nothing to generate")
+            raise typer.Exit(EXIT_FAILED)
+        summarize(records, len(failures), elapsed)
+        raise typer.Exit(EXIT_OK if not failures else EXIT_FAILED)
+    results = group.gather({"records": records, "failed": len(failures), "code": code})
+    if results is not None:
+        code = report_group(results, json_out, elapsed)
+    group.close()
+    raise typer.Exit(code if code else EXIT_OK if not failures else EXIT_FAILED)
+
+
+def batches_of(jobs: list[Job], size: int) -> list[list[Job]]:
+    from .pipeline import batches
+
+    return batches(jobs, size)
 
 
 def runtime_options(model, jobs: list[Job], batch_size: int, cpu: bool, device: str,
                     dtype: Optional[str], force: bool, offload: Optional[str], compile_: bool, vae_tiling: bool,
-                    vae_dtype: Optional[str], quiet: bool, overwrite: bool):
+                    vae_dtype: Optional[str], quiet: bool, overwrite: bool, quantize: str = "none",
+                    quantize_text_encoder: str = "none"):
     """Device, dtype and offload mode for the run, after checking that its largest batch fits in memory. `model`
     is the run's ModelFiles."""
-    from .devices import choose_offload, estimate, pick_device, pick_dtype
+    import torch
+
+    from .devices import choose_offload, cpu_dtype, estimate, pick_device, pick_dtype, quantize_problem
+    from .dist import current as current_shard, local_device
     from .pipeline import OFFLOAD_MODES, Options
 
     if offload is not None and offload not in OFFLOAD_MODES:
         raise UsageError(f"--offload must be one of {', '.join(OFFLOAD_MODES)} (got '{offload}')")
     if cpu and device not in ("auto", "cpu"):
         raise UsageError(f"--cpu and --device {device} conflict; give one of them")
-    dev = pick_device(device, cpu)
+    dev = local_device(pick_device(device, cpu), current_shard())
+    for flag, value in (("--quantize", quantize), ("--quantize-text-encoder", quantize_text_encoder)):
+        if problem := quantize_problem(value, dev):
+            raise UsageError(f"{flag} {value}: {problem}")
     if offload in ("model", "sequential") and dev.type != "cuda":
         log.warning("warning: --offload %s saves no memory on %s: the weights already live in the memory it computes "
                     "from, so offloading only adds copies (same image, slower)", offload, dev.type)
     dt = pick_dtype(dtype, dev, force)
     vae_dt = None if vae_dtype in (None, "auto") else pick_dtype(vae_dtype, dev, force)
     if not jobs:
-        return Options(model.folder, dev, dt, files=model)
+        return Options(model.folder, dev, dt, files=model, quantize=quantize,
+                       quantize_text_encoder=quantize_text_encoder)
     largest = max(jobs, key=lambda j: j.settings.width * j.settings.height).settings
-    needs = estimate(model, dt, largest.width, largest.height, min(batch_size, len(jobs)),
-                     any(j.settings.guidance_scale > 0 for j in jobs), VAE_TILE if vae_tiling else None)
+    cfg_on = any(j.settings.guidance_scale > 0 for j in jobs)
+    sizes = (largest.width, largest.height, min(batch_size, len(jobs)), cfg_on, VAE_TILE if vae_tiling else None,
+             quantize, quantize_text_encoder)
+    if dev.type == "cpu" and dtype in (None, "auto"):
+        dt, why = cpu_dtype(estimate(model, torch.float32, *sizes).peak("none"))
+        log.info("dtype %s: %s", str(dt).removeprefix("torch."), why)
+    needs = estimate(model, dt, *sizes)
     mode, note = choose_offload(needs, dev, dt, offload)
     if note:
         log.info(note)
     log.info("device %s, %s, offload %s; %d image(s)", dev, str(dt).removeprefix("torch."), mode, len(jobs))
     return Options(model.folder, dev, dt, mode, compile_, VAE_TILE if vae_tiling else None, vae_dt, not quiet,
-                   overwrite, files=model)
+                   overwrite, files=model, quantize=quantize, quantize_text_encoder=quantize_text_encoder)
 
 
-def run_jobs(opts, jobs: list[Job], batch_size: int, json_out: bool) -> list[str]:
-    """Make the images, reporting each as it is written. Returns the failures; exits 130 on Ctrl-C after
-    saying which images were written."""
+def run_jobs(opts, todo: list[Job], done: list[Job], batch_size: int, json_out: bool) -> tuple[list[dict], list[str]]:
+    """Make the images of `todo`, reporting each as it is written; `done` ones were made before and are
+    reported as skipped. Loads no model when nothing is left to write. Returns the records of all, in job
+    order, and the failures; exits 130 on Ctrl-C after saying which images were written."""
     from .pipeline import Pipeline
 
-    if not jobs:
-        err("nothing to generate")
-        return ["nothing to generate"]
+    records = [record(j) for j in done]
+    if json_out:
+        for r in records:
+            typer.echo(json.dumps(r))
+    to_write = [j for j in todo if j.write]
     written: list[Job] = []
     failed: list[str] = []
 
     def on_image(job: Job, seconds: float) -> None:
         written.append(job)
-        s = job.settings
+        records.append(record(job, seconds))
         if json_out:
-            typer.echo(json.dumps({"path": str(job.output), "prompt": s.prompt, "seed": s.seed, "width": s.width,
-                                   "height": s.height, "steps": s.num_steps, "guidance": s.guidance_scale,
-                                   "seconds": round(seconds, 3)}))
-        if len(jobs) > 1:
-            log.info("wrote %s (seed %d, %.1fs)", job.output, s.seed, seconds)
+            typer.echo(json.dumps(records[-1]))
+        if len(to_write) > 1:
+            log.info("wrote %s (seed %d, %.1fs)", job.output, job.settings.seed, seconds)
 
     def on_error(job: Job, message: str) -> None:
         failed.append(message)
         err(f"failed: {job.origin}: {message}")
 
     def summary(what: str) -> str:
-        return f"{what}: {len(written)} of {len(jobs)} image(s) written" + "".join(f"\n  {j.output}" for j in written)
+        return f"{what}: {len(written)} of {len(to_write)} image(s) written" + "".join(f"\n  {j.output}" for j in written)
 
-    start = time.perf_counter()
-    try:
-        Pipeline(opts).run(jobs, batch_size, on_image, on_error)
-    except KeyboardInterrupt:
-        err(summary("interrupted"))
-        raise typer.Exit(EXIT_INTERRUPTED)
-    except Exception:
-        if written:  # the error is reported by the caller; first say what was saved before it
-            err(summary("stopped"))
-        raise
-    elapsed = time.perf_counter() - start
-    if len(jobs) == 1 and written:
-        log.info("Saved %s (seed %d, %.1fs)", written[0].output, written[0].settings.seed, elapsed)
-    else:
-        log.info("%d image(s) written, %d failed, in %.1fs", len(written), len(failed), elapsed)
-    return failed
+    if to_write:
+        try:
+            Pipeline(opts).run(todo, batch_size, on_image, on_error)
+        except KeyboardInterrupt:
+            err(summary("interrupted"))
+            raise typer.Exit(EXIT_INTERRUPTED)
+        except Exception:
+            if written:  # the error is reported by the caller; first say what was saved before it
+                err(summary("stopped"))
+            raise
+    return sorted(records, key=lambda r: r["index"]), failed
 
 
 @app.command(cls=Command)

@@ -77,6 +77,49 @@ def pick_dtype(name: str | None, device: torch.device, force: bool) -> torch.dty
     return dtype
 
 
+def native_bf16() -> str | None:
+    """The CPU feature that computes bfloat16 natively (x86 AMX-BF16 or AVX512-BF16, ARM BF16), or None.
+    torch.backends.cpu.get_cpu_capability() stops at 'AVX512', so the kernel's CPU flags are read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    flags = {f for line in text.splitlines() if line.startswith(("flags", "Features")) for f in line.split()}
+    for feature in ("amx_bf16", "avx512_bf16", "bf16"):  # "bf16" is ARM's name in the Features line
+        if feature in flags:
+            return feature
+    if sys.platform == "darwin":  # Apple silicon from M2 on; no /proc there
+        try:
+            import subprocess
+
+            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True)
+            return "FEAT_BF16" if out.stdout.strip() == "1" else None
+        except OSError:
+            return None
+    return None
+
+
+def cpu_dtype(float32_peak: int) -> tuple[torch.dtype, str]:
+    """What `--dtype auto` runs on the CPU, and why: bfloat16 where the CPU computes it natively or where float32
+    (needing `float32_peak` bytes) would not fit in the free memory, else float32."""
+    if feature := native_bf16():
+        return torch.bfloat16, f"the CPU computes bfloat16 natively ({feature}); --dtype float32 for full precision"
+    free = available_bytes(torch.device("cpu"))
+    if float32_peak > free:
+        return torch.bfloat16, (f"float32 would need about {human_bytes(float32_peak)} and {human_bytes(free)} is "
+                                "free")
+    return torch.float32, "this CPU has no native bfloat16"
+
+
+def quantize_problem(fmt: str, device: torch.device) -> str | None:
+    """Why weights cannot be quantized to `fmt` on `device` (an unknown name, fp8 without hardware), or None."""
+    from .quant import QUANTIZE, fp8_problem
+
+    if fmt not in QUANTIZE:
+        return f"unknown quantization '{fmt}'; use {', '.join(QUANTIZE)}"
+    return fp8_problem(device) if fmt == "fp8" else None
+
+
 @dataclass(frozen=True)
 class Needs:
     """Bytes each stage needs: weights in the run's dtype plus working memory."""
@@ -108,16 +151,21 @@ class Needs:
         return max(self.text_encoder, self.transformer + self.vae)
 
 
-def weight_bytes(header: dict[str, tuple[Path, TensorInfo]], dtype: torch.dtype) -> tuple[int, int]:
-    """(bytes of all tensors in `dtype`, bytes of the largest transformer-block group) from the file headers."""
+def weight_bytes(header: dict[str, tuple[Path, TensorInfo]], dtype: torch.dtype,
+                 quantize: str = "none") -> tuple[int, int]:
+    """(bytes of all tensors in `dtype`, bytes of the largest transformer-block group) from the file headers;
+    quantized weights (GGUF blocks, or the matrices under `quantize` int8/fp8) count as they are held."""
     size = torch.tensor([], dtype=dtype).element_size()
-    total = sum(info.numel for _, info in header.values()) * size
     per_block: dict[str, int] = {}
+    total = 0
     for name, (_, info) in header.items():
+        matrix = quantize != "none" and len(info.shape) == 2 and info.shape[0] > 1
+        n = info.stored if info.stored is not None else info.numel * (1 if matrix else size)
+        total += n
         parts = strip_prefix(name, ("model.diffusion_model.", "diffusion_model.", "model.")).split(".")
         if len(parts) > 2 and parts[0] in ("layers", "noise_refiner", "context_refiner"):
             key = ".".join(parts[:2])
-            per_block[key] = per_block.get(key, 0) + info.numel * size
+            per_block[key] = per_block.get(key, 0) + n
     return total, max(per_block.values(), default=0)
 
 
@@ -134,11 +182,11 @@ def decode_work(batch: int, width: int, height: int, tile: int | None, scale: in
 
 
 def estimate(source: ModelFiles | Path, dtype: torch.dtype, width: int, height: int, batch: int, cfg_on: bool,
-             vae_tile: int | None = None) -> Needs:
+             vae_tile: int | None = None, quantize: str = "none", quantize_text_encoder: str = "none") -> Needs:
     """What a run needs, from the file headers and the transformer config of a folder or a run's ModelFiles."""
     files = ModelFiles.of(source)
-    te, _ = weight_bytes(weights_header(files, "text_encoder"), dtype)
-    tr, block = weight_bytes(weights_header(files, "transformer"), dtype)
+    te, _ = weight_bytes(weights_header(files, "text_encoder"), dtype, quantize_text_encoder)
+    tr, block = weight_bytes(weights_header(files, "transformer"), dtype, quantize)
     vae, _ = weight_bytes(weights_header(files, "vae"), torch.float32)
     tcfg = component(files, "transformer").config
     rows = batch * (2 if cfg_on else 1)

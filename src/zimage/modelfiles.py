@@ -14,7 +14,8 @@ from .scheduler import SchedulerConfig
 from .transformer import TransformerConfig
 from .vae import VAEConfig
 from .weights import (CONFIG_NAMES, WEIGHT_STEMS, MissingFileError, Piece, TensorInfo, WeightsError,
-                      checkpoint_header, match_pieces, read_config, read_header, require_tokenizer)
+                      checkpoint_header, find_gguf, match_pieces, read_config, read_header,
+                      require_tokenizer)
 
 FILE_COMPONENTS = ("transformer", "text_encoder", "vae")
 
@@ -124,8 +125,23 @@ def with_shapes(component: str, base: Any, shapes: dict[str, tuple[int, ...]], p
                            f"give --model-path with the {component}/config.json that fits it") from None
 
 
+def gguf_source(files: ModelFiles, name: str) -> Path | None:
+    """The GGUF file a component comes from: its single file when that is a .gguf, else a .gguf standing in for the
+    safetensors in its folder; None for safetensors."""
+    path = files.file(name)
+    if path is not None:
+        return path if path.suffix.lower() == ".gguf" else None
+    if files.folder is None or name not in WEIGHT_STEMS:
+        return None
+    return find_gguf(files.folder / name, WEIGHT_STEMS[name])
+
+
 def weights_header(files: ModelFiles, name: str) -> dict[str, tuple[Path, TensorInfo]]:
     """Every tensor of a component's weights, from its single file or its folder, without configs or mapping."""
+    if (gguf := gguf_source(files, name)) is not None:
+        from .gguf import gguf_header
+
+        return gguf_header(gguf, name)
     path = files.file(name)
     if path is not None:
         return file_header(path)
@@ -138,6 +154,8 @@ def component(files: ModelFiles, name: str) -> Component:
     """The config, tensors and key mapping of the transformer, text_encoder or vae, from its single file when one
     is given (keys mapped from any layout it is in, sizes read from its shapes) or from the folder."""
     path = files.file(name)
+    if (gguf := gguf_source(files, name)) is not None:
+        return gguf_component(files, name, gguf)
     if path is None:
         if files.folder is None:
             raise UsageError(f"no {name.replace('_', ' ')}: give --model-path FOLDER or {singlefile.FLAGS[name]} FILE")
@@ -159,6 +177,22 @@ def component(files: ModelFiles, name: str) -> Component:
     return Component(config, header, found, f"{configured_by} and the shapes in {path.name}", path)
 
 
+def gguf_component(files: ModelFiles, name: str, path: Path) -> Component:
+    """A component from a GGUF file (the transformer in the original layout, the text encoder in llama.cpp's
+    names), configured like a single file: the folder's config, else the published one completed by its shapes."""
+    from .gguf import gguf_header, pieces_of
+
+    if not path.is_file():
+        raise UsageError(f"{singlefile.FLAGS[name]}: no such file {path}")
+    header = gguf_header(path, name)
+    infos = {n: info for n, (_, info) in header.items()}
+    of = pieces_of(name)
+    found = {k: p for n in header for k, p in of(n).items()}
+    base, configured_by = base_config(files, name)
+    config = with_shapes(name, base, singlefile.piece_shapes(infos, found), path)
+    return Component(config, header, found, f"{configured_by} and the shapes in {path.name}", path)
+
+
 def require_sources(files: ModelFiles) -> None:
     """Fail with the first missing part of a run mixing single files and a folder: the tokenizer, and the folder
     weights of each component not given as a file."""
@@ -169,7 +203,8 @@ def require_sources(files: ModelFiles) -> None:
                 where = f"{files.folder} not found" if files.folder else "no --model-path folder"
                 raise MissingFileError(f"{where} for the {name.replace('_', ' ')} (or give {singlefile.FLAGS[name]}"
                                        " FILE)")
-            checkpoint_header(files.folder / name, WEIGHT_STEMS[name])
+            if gguf_source(files, name) is None:
+                checkpoint_header(files.folder / name, WEIGHT_STEMS[name])
 
 
 def tokenizer_folder(given: Path) -> Path:

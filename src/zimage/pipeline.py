@@ -65,6 +65,8 @@ class Options:
     progress: bool = True
     overwrite: bool = False
     files: ModelFiles | None = None  # where each component comes from; None: everything from model_path
+    quantize: str = "none"  # transformer weights: none, int8 or fp8 (quant.QUANTIZE)
+    quantize_text_encoder: str = "none"
 
     @property
     def sources(self) -> ModelFiles:
@@ -82,14 +84,21 @@ class Timings:
 
 
 def load_transformer(source: ModelFiles | Path, device: torch.device, dtype: torch.dtype,
-                     patch: Patch | None = None) -> ZImageTransformer:
-    """The transformer from a checkpoint folder or the ModelFiles of a run (a single file in any layout); `patch`
-    edits weights as they load (see weights.load_pieces)."""
+                     quantize: str = "none", patch: Patch | None = None) -> ZImageTransformer:
+    """The transformer from a checkpoint folder or the ModelFiles of a run (a single file in any layout, a GGUF
+    file kept quantized), its linear weights quantized to `quantize` (int8, fp8) while loading unless none;
+    `patch` edits weights as they load, before any quantization (see weights.read_pieces)."""
     comp = component(ModelFiles.of(source), "transformer")
     with torch.device("meta"):
         model = ZImageTransformer(comp.config)
     match_pieces(comp.header, expected_shapes(model), comp.pieces, comp.configured_by, comp.where)
-    return load_pieces(model, comp.header, comp.pieces, dtype, device, patch)
+    if quantize == "none" and comp.where.suffix.lower() != ".gguf":
+        return load_pieces(model, comp.header, comp.pieces, dtype, device, patch)
+    from .quant import describe, load_weights_of
+
+    model = load_weights_of(model, comp, dtype, device, quantize, patch)
+    log.info("transformer: %s", describe(model))
+    return model
 
 
 def load_vae(source: ModelFiles | Path, device: torch.device, dtype: torch.dtype | None = None,
@@ -180,7 +189,8 @@ class Pipeline:
         t0 = time.perf_counter()
         streamed = self.opts.offload == "sequential"
         encoder = TextEncoder.load(self.opts.sources, self.storage_device if streamed else self.compute_device,
-                                   self.opts.dtype, loras.patch("text_encoder") if loras else None)
+                                   self.opts.dtype, self.opts.quantize_text_encoder,
+                                   loras.patch("text_encoder") if loras else None)
         if loras:
             loras.close()
         streamer = BlockStreamer(encoder.model, list(encoder.model.layers), self.compute_device) if streamed else None
@@ -188,7 +198,9 @@ class Pipeline:
         log.info("text encoder loaded in %.1fs", time.perf_counter() - t0)
         t0 = time.perf_counter()
         try:
-            feats = dict(zip(unique, encoder.encode(unique)))
+            # one prompt at a time: batched with padding, a prompt's features would depend (in the last bits) on
+            # the other prompts of the run, and a resumed or split run would not remake its images exactly
+            feats = dict(zip(unique, encoder.encode(unique, batch_size=1)))
         finally:
             if streamer is not None:
                 streamer.remove()  # its hooks and the layers form a cycle that would keep the pinned weights
@@ -202,7 +214,7 @@ class Pipeline:
         """The transformer with `loras` merged, and the VAE unless it is loaded already."""
         t0 = time.perf_counter()
         self.transformer = load_transformer(self.opts.sources, self.storage_device, self.opts.dtype,
-                                            loras.patch("transformer") if loras else None)
+                                            self.opts.quantize, loras.patch("transformer") if loras else None)
         if loras:
             loras.close()
         if self.opts.offload == "sequential":
@@ -309,6 +321,8 @@ class Pipeline:
                 images = to_pil(self.decode(latents))
                 seconds = (time.perf_counter() - t0) / len(batch)
                 for job, image in zip(batch, images):
+                    if not job.write:  # made only so that its batch is the one first planned
+                        continue
                     with interrupts_held():  # a file on disk is always a file reported, even on Ctrl-C
                         try:
                             save_image(image, job.output, job.metadata, self.opts.overwrite)

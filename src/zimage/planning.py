@@ -40,12 +40,12 @@ def base_settings(from_png: Optional[Path], **given) -> tuple[dict, dict]:
 
 
 def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path], model_path: Optional[Path],
-         output: str, num_images: int, overwrite: bool, given: dict,
+         output: str, num_images: int, given: dict,
          files: Optional[dict] = None) -> tuple[list[Job], list[str], "ModelFiles", Optional[int]]:
     """Everything checkable before loading: settings, prompts, outputs, the model files. Returns the jobs,
-    the messages of skipped items, the ModelFiles of the run, and the seed drawn at random (None when one was
-    given). `given` holds the setting flags (None = not given); `files` the single-file flags (transformer,
-    text_encoder, vae, tokenizer; None = not given)."""
+    the messages of skipped items (in line order), the ModelFiles of the run, and the seed drawn at random (None
+    when one was given). `given` holds the setting flags (None = not given); `files` the single-file flags
+    (transformer, text_encoder, vae, tokenizer; None = not given)."""
     from_png = from_png.expanduser() if from_png else None
     base, meta = base_settings(from_png, **given)
     random_seed = None
@@ -56,7 +56,7 @@ def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path
     check_template(output)  # before formatting it below: an unknown placeholder is a usage error, not a KeyError
 
     items = [Item({"prompt": p}, f"--prompt {i + 1}", True) for i, p in enumerate(prompt)]
-    file_errors: list[str] = []
+    file_errors: list[tuple[Item, str]] = []
     if prompts_file is not None:
         file_items, file_errors = read_prompts_file(prompts_file)
         items += file_items
@@ -105,7 +105,7 @@ def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path
         read_config(SchedulerConfig.from_json, model / "scheduler" / "scheduler_config.json")
     max_side = tcfg.max_image_side * vcfg.scale_factor
     guidance_given = given["guidance_scale"] is not None or "guidance_scale" in settings_from(meta)
-    result = plan_jobs(base, items, output, num_images, str(model), max_side, guidance_given, overwrite)
+    result = plan_jobs(base, items, output, num_images, str(model), max_side, guidance_given)
     cli_errors = [m for item, m in result.errors if item.from_cli]
     if cli_errors:
         raise UsageError(cli_errors[0])
@@ -113,8 +113,9 @@ def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path
         from .modelfiles import ModelFiles
 
         sources = ModelFiles(model)
+    errors = sorted(file_errors + result.errors, key=lambda e: e[0].line)  # in line order
     jobs, lora_errors = checked_loras(result.jobs, sources, base["loras"])
-    return jobs, file_errors + [m for _, m in result.errors] + lora_errors, sources, random_seed
+    return jobs, [m for _, m in errors] + lora_errors, sources, random_seed
 
 
 def checked_loras(jobs: list[Job], sources: "ModelFiles", given: tuple) -> tuple[list[Job], list[str]]:
@@ -135,6 +136,10 @@ def checked_loras(jobs: list[Job], sources: "ModelFiles", given: tuple) -> tuple
             if ref.sha256 and not Path(path).is_file():
                 raise LoraError(f"--from-png: the image was made with LoRA file {path}, which is not there any more")
             lora = read_lora(Path(path), shapes)
+            for c in lora.components:
+                if (f := sources.file(c)) is not None and f.suffix.lower() == ".gguf":
+                    raise LoraError(f"LoRA file {path}: LoRAs cannot be merged into the GGUF {c.replace('_', ' ')} "
+                                    f"{f.name} (its weights stay quantized); use safetensors weights")
             sums[path] = sha256(Path(path))
             if ref.sha256 and ref.sha256 != sums[path]:
                 raise LoraError(f"--from-png: LoRA file {path} changed since the image was made (sha256 "

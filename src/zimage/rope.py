@@ -13,16 +13,26 @@ from torch import Tensor
 
 
 class Rope(NamedTuple):
-    """RoPE rotations as float32 cos and sin of the angles, (..., head_dim/2) each."""
+    """RoPE rotations as float32 cos and sin of the angles, (..., head_dim/2) each; on the CPU also as unit complex
+    numbers `cis` (cos + i sin), made once per size for the CPU kernel."""
 
     cos: Tensor
     sin: Tensor
+    cis: Tensor | None = None
 
     def cat(self, other: "Rope", dim: int) -> "Rope":
-        return Rope(torch.cat([self.cos, other.cos], dim), torch.cat([self.sin, other.sin], dim))
+        return with_cis(Rope(torch.cat([self.cos, other.cos], dim), torch.cat([self.sin, other.sin], dim)))
 
     def expand(self, *shape: int) -> "Rope":
-        return Rope(self.cos.expand(*shape), self.sin.expand(*shape))
+        return Rope(self.cos.expand(*shape), self.sin.expand(*shape),
+                    None if self.cis is None else self.cis.expand(*shape))
+
+
+def with_cis(rope: Rope) -> Rope:
+    """`rope` with its complex form when it lives on the CPU (the only place the complex kernel runs)."""
+    if rope.cos.device.type != "cpu":
+        return rope
+    return Rope(rope.cos, rope.sin, torch.complex(rope.cos, rope.sin))
 
 
 def rotate_real(x: Tensor, rope: Rope) -> Tensor:
@@ -39,7 +49,7 @@ def rotate_real(x: Tensor, rope: Rope) -> Tensor:
 def rotate_complex(x: Tensor, rope: Rope) -> Tensor:
     """The same rotation as one complex multiply: on the CPU a single fused kernel, 3-6x faster than the real
     ops (BENCHMARKS.md)."""
-    rotation = torch.complex(rope.cos, rope.sin)
+    rotation = torch.complex(rope.cos, rope.sin) if rope.cis is None else rope.cis
     out = torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * rotation)
     return out.flatten(-2).type_as(x)
 
@@ -78,5 +88,5 @@ class RopeTables:
         if ids.device not in self._tables:
             self._tables[ids.device] = self._build(ids.device)
         tables = self._tables[ids.device]
-        return Rope(*(torch.cat([getattr(t, part)[ids[..., i]] for i, t in enumerate(tables)], dim=-1)
-                      for part in ("cos", "sin")))
+        return with_cis(Rope(*(torch.cat([getattr(t, part)[ids[..., i]] for i, t in enumerate(tables)], dim=-1)
+                               for part in ("cos", "sin"))))

@@ -74,6 +74,7 @@ def require_tokenizer(folder: Path) -> None:
 class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
+    stored: int | None = None  # bytes as stored, for block-quantized types (GGUF) whose dtype has no item size
 
     @property
     def numel(self) -> int:
@@ -84,7 +85,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * DTYPE_SIZES.get(self.dtype, 4)
+        return self.stored if self.stored is not None else self.numel * DTYPE_SIZES.get(self.dtype, 4)
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -121,6 +122,17 @@ def weight_files(folder: Path, stem: str) -> dict[str, Path]:
     if single.is_file():
         return {name: single for name in read_header(single)}
     raise MissingFileError(f"missing {single} (or {index.name} with its shards) in {folder}")
+
+
+def find_gguf(folder: Path, stem: str) -> Path | None:
+    """The GGUF file standing in for a component's safetensors (`{stem}.safetensors` and its index absent), or None.
+    More than one is ambiguous and raises WeightsError."""
+    if (folder / f"{stem}.safetensors").is_file() or (folder / f"{stem}.safetensors.index.json").is_file():
+        return None
+    found = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
+    if len(found) > 1:
+        raise WeightsError(f"{folder} holds {len(found)} GGUF files ({', '.join(p.name for p in found)}); keep one")
+    return found[0] if found else None
 
 
 def checkpoint_header(folder: Path, stem: str) -> dict[str, tuple[Path, TensorInfo]]:
@@ -217,6 +229,22 @@ def read_groups(header: dict[str, tuple[Path, TensorInfo]], mapping: dict[str, s
     return groups
 
 
+def read_weights(
+    module: nn.Module,
+    folder: Path,
+    stem: str,
+    convert: Callable[[str, torch.Tensor], object],
+    rename: Callable[[str], str | None] = lambda k: k,
+    patch: Patch | None = None,
+) -> dict[str, object]:
+    """Every tensor of a component folder matched to `module`'s keys and passed through `convert(key, tensor)`
+    as soon as it is read, so that only converted tensors (cast, quantized) are ever held together; `patch` as in
+    read_pieces."""
+    header = checkpoint_header(folder, stem)
+    mapping = match_keys(header, expected_shapes(module), rename, folder)
+    return read_pieces(header, {key: Piece(name) for key, name in mapping.items()}, convert, patch)
+
+
 def load_weights(
     module: nn.Module,
     folder: Path,
@@ -230,7 +258,7 @@ def load_weights(
 
     Each tensor is read from the memory-mapped file and converted straight to `dtype` on `device`, so no
     full-precision copy of the model ever exists. `rename` maps checkpoint keys to module keys (None skips);
-    `patch` as in load_pieces.
+    `patch` as in read_pieces.
     """
     header = checkpoint_header(folder, stem)
     mapping = match_keys(header, expected_shapes(module), rename, folder)
@@ -248,6 +276,38 @@ def read_piece(f, piece: Piece) -> torch.Tensor:
     return t.reshape(t.shape[:-2]) if piece.squeeze else t
 
 
+def read_pieces(
+    header: dict[str, tuple[Path, TensorInfo]],
+    pieces: dict[str, Piece],
+    convert: Callable[[str, torch.Tensor], object],
+    patch: Patch | None = None,
+) -> dict[str, object]:
+    """Checked `pieces` (see match_pieces) read one tensor at a time, each passed through `convert(key, tensor)`
+    before the next is read.
+
+    `patch(module_key, tensor)`, when given, sees each floating tensor as read (before `convert`) and returns the
+    tensor to convert; a patch that changes a tensor works in float32 (LoRA merging does), and may change it in
+    place (it is the loader's private copy-on-write view of the file)."""
+    state: dict[str, object] = {}
+    # every tensor of a group keeps the group's whole mapping alive, with the pages a patch read: patched loads map
+    # each tensor on its own, so the pages of a replaced tensor leave memory with it
+    for path, keys in read_groups(header, {key: p.name for key, p in pieces.items()},
+                                  0 if patch else READ_GROUP_BYTES):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in keys:
+                    t = read_piece(f, pieces[key])
+                    if patch is not None and t.is_floating_point():
+                        t = patch(key, t)
+                    state[key] = convert(key, t)
+                    del t
+        except Exception as e:
+            if isinstance(e, (torch.OutOfMemoryError, KeyboardInterrupt, WeightsError)):
+                raise
+            raise WeightsError(f"{path} could not be read ({e}); download it again") from None
+    return state
+
+
 def load_pieces(
     module: nn.Module,
     header: dict[str, tuple[Path, TensorInfo]],
@@ -257,28 +317,11 @@ def load_pieces(
     patch: Patch | None = None,
 ) -> nn.Module:
     """Fill a module built on the meta device with checked `pieces` (see match_pieces), one tensor at a time,
-    each converted straight to `dtype` on `device`.
+    each converted straight to `dtype` on `device` (after `patch`, as in read_pieces)."""
+    def convert(key: str, t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
-    `patch(module_key, tensor)`, when given, sees each floating tensor as read (before the cast to `dtype`) and
-    returns the tensor to load; a patch that changes a tensor works in float32 (LoRA merging does), and may change
-    it in place (it is the loader's private copy-on-write view of the file)."""
-    state: dict[str, torch.Tensor] = {}
-    # every tensor of a group keeps the group's whole mapping alive, with the pages a patch read: patched loads map
-    # each tensor on its own, so the pages of a replaced tensor leave memory with it
-    groups = read_groups(header, {key: p.name for key, p in pieces.items()}, 0 if patch else READ_GROUP_BYTES)
-    for path, keys in groups:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in keys:
-                    t = read_piece(f, pieces[key])
-                    if patch is not None and t.is_floating_point():
-                        t = patch(key, t)
-                    state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-                    del t
-        except Exception as e:
-            if isinstance(e, (torch.OutOfMemoryError, KeyboardInterrupt, WeightsError)):  # WeightsError: from `patch`
-                raise
-            raise WeightsError(f"{path} could not be read ({e}); download it again") from None
+    state = read_pieces(header, pieces, convert, patch)
     module.load_state_dict(state, strict=True, assign=True)
     return module.requires_grad_(False).eval()
 
