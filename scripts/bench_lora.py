@@ -58,7 +58,7 @@ def child(a) -> None:
             return out
 
     with torch.inference_mode():
-        transformer = load_transformer(model, torch.device("cpu"), getattr(torch, a.dtype), patch)
+        transformer = load_transformer(model, torch.device("cpu"), getattr(torch, a.dtype), patch=patch)
         if patch is not None:
             loras.close()  # as the pipeline does once the transformer is loaded
         load = time.perf_counter() - t0

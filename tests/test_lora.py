@@ -291,7 +291,7 @@ def test_merge_happens_in_float32_before_the_cast(tiny):
     path = write(dialect(sd, cfg, "kohya"), Path(str(tiny) + "-lora") / "q.safetensors")
     try:
         loras = LoraSet([(read_lora(path, model_shapes(tiny)), 0.5)])
-        model = load_transformer(tiny, torch.device("cpu"), torch.bfloat16, loras.patch("transformer"))
+        model = load_transformer(tiny, torch.device("cpu"), torch.bfloat16, patch=loras.patch("transformer"))
         key = "layers.0.attention.to_q.weight"
         base = load_file(str(tiny / "transformer" / "diffusion_pytorch_model.safetensors"))[key]
         down, up = sd[key.replace(".weight", ".lora_A.weight")], sd[key.replace(".weight", ".lora_B.weight")]
