@@ -500,3 +500,26 @@ def test_lora_on_a_single_file_transformer_in_the_original_layout_makes_the_fold
     single = ours(tiny, tmp_path / "single.png", "--lora", f"{path}:0.9", "--transformer", str(original))
     assert np.array_equal(folder, single)
     assert np.abs(folder - ours(tiny, tmp_path / "plain.png", "--transformer", str(original))).max() > 10
+
+
+def test_lora_is_merged_before_int8_quantization(tiny, tmp_path):
+    sd, cfg = peft_lora(tiny, BLOCKS, seed=18)
+    path = write(dialect(sd, cfg, "kohya"), tmp_path / "k.safetensors")
+    quant_lora = ours(tiny, tmp_path / "ql.png", "--lora", str(path), "--quantize", "int8")
+    quant_plain = ours(tiny, tmp_path / "q.png", "--quantize", "int8")
+    full_lora = ours(tiny, tmp_path / "l.png", "--lora", str(path))
+    assert np.abs(quant_lora - quant_plain).max() > 10  # the LoRA is in the quantized weights
+    assert np.abs(quant_lora - full_lora).mean() < np.abs(quant_plain - full_lora).mean() / 3
+
+
+def test_lora_for_a_gguf_transformer_is_refused_before_loading(tiny, tmp_path, loads):
+    from test_gguf import diffusers_types, write_gguf
+    from test_singlefile import folder_state
+
+    gguf = tmp_path / "z.gguf"
+    write_gguf(folder_state(tiny, "transformer"), gguf, diffusers_types)
+    sd, cfg = peft_lora(tiny, ["to_q"], seed=19)
+    path = write(dialect(sd, cfg, "kohya"), tmp_path / "k.safetensors")
+    result = generate(tiny, tmp_path / "out" / "o.png", "--lora", str(path), "--transformer", str(gguf))
+    assert_one_line_error(result, 2, "LoRAs cannot be merged into the GGUF transformer", "z.gguf")
+    assert not (tmp_path / "out").exists() and not loads
