@@ -15,7 +15,7 @@ import typer
 
 from .clihelp import EXIT_INTERRUPTED, Command, Group
 from .errors import MissingFileError, NonFiniteImage, NonFiniteLatents, OutOfMemory, UsageError, WeightsError
-from .jobs import Job, Settings
+from .jobs import Job, Settings, parse_lora
 from .layout import DEFAULT_MODEL
 from .published import REPO_ID
 from .planning import plan
@@ -181,6 +181,10 @@ def generate(
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", metavar="DIR", rich_help_panel=MODEL_FILES,
                                              show_default="the model folder's tokenizer/",
                                              help="Tokenizer folder, or org/name in the Hugging Face cache."),
+    lora: List[str] = typer.Option([], "--lora", metavar="FILE[:SCALE]", show_default=False,
+                                   rich_help_panel=MODEL_FILES,
+                                   help="LoRA (.safetensors from any common trainer) merged into the model, scale 1.0 "
+                                        "unless given; repeat to combine several."),
     cpu: bool = typer.Option(False, "--cpu", rich_help_panel=DEVICE, help="Use the CPU (same as --device cpu)."),
     device: str = typer.Option("auto", "--device", rich_help_panel=DEVICE,
                                help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."),
@@ -235,6 +239,10 @@ def generate(
         settings = given(ctx, negative_prompt=negative_prompt, width=width, height=height, num_steps=num_steps,
                          guidance_scale=guidance_scale, cfg_normalization=cfg_normalization,
                          cfg_truncation=cfg_truncation, seed=seed)
+        try:
+            settings["loras"] = tuple(parse_lora(x) for x in lora) or None
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         jobs, skipped, model, random_seed = plan(prompt, prompts_file, from_png, given(ctx, model_path=model_path)
                                                  ["model_path"], output, num_images, settings,
                                                  dict(transformer=transformer, text_encoder=text_encoder, vae=vae,
