@@ -177,6 +177,18 @@ def test_existing_files_without_skip_existing_count_as_failed(tiny, out, tmp_pat
     assert "--skip-existing" in result.stderr
 
 
+def test_settings_compare_every_field_at_any_depth_but_file_locations():
+    from zimage.resume import difference
+
+    lora = {"name": "style.safetensors", "path": "/a/style.safetensors", "sha256": "ab", "scale": 0.8}
+    meta = {"prompt": "p", "seed": 1, "model": "Z", "model_path": "/a/Z", "loras": [lora]}
+    moved = {**meta, "model_path": "/b/Z", "loras": [{**lora, "path": "/b/style.safetensors"}]}
+    assert difference(meta, moved) is None
+    assert difference(meta, {**meta, "loras": [{**lora, "scale": 0.5}]}).startswith("loras ")
+    assert difference(meta, {k: v for k, v in meta.items() if k != "loras"}).startswith("loras ")
+    assert difference(meta, {**meta, "input_image": {"sha256": "cd"}}).startswith("input_image none there")
+
+
 # ------------------------------------------------------------------------------- SIGKILL, then run again
 
 def command(model: Path, prompts: Path, out: Path, *extra: str) -> list[str]:

@@ -15,13 +15,27 @@ from .jobs import Job
 RUN_SPECIFIC = frozenset({"model_path", "model_path_given", "seconds", "version"})
 
 
+def located(key: str) -> bool:
+    """Whether a metadata field says where a file lies (which may differ between machines), not what it is."""
+    return key in RUN_SPECIFIC or key == "path" or key.endswith(("_path", "_path_given"))
+
+
+def without_locations(value):
+    if isinstance(value, dict):
+        return {k: without_locations(v) for k, v in value.items() if not located(k)}
+    if isinstance(value, list):
+        return [without_locations(v) for v in value]
+    return value
+
+
 def comparable(meta: dict) -> dict:
-    """The settings of an image's metadata, as JSON would store them: every field but the run-specific ones,
-    the model by folder name (the same checkpoint may sit elsewhere on another machine)."""
-    out = {k: v for k, v in meta.items() if k not in RUN_SPECIFIC}
+    """The settings of an image's metadata, as JSON would store them: every field, at any depth, but the
+    run-specific ones and file locations (LoRAs and input images are told apart by their other fields, such
+    as a content hash), the model by folder name (the same checkpoint may sit elsewhere on another machine)."""
+    out = without_locations(json.loads(json.dumps(meta)))
     if isinstance(out.get("model"), str):
         out["model"] = Path(out["model"]).name
-    return json.loads(json.dumps(out))
+    return out
 
 
 def difference(stored: dict, wanted: dict) -> str | None:
