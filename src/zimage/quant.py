@@ -146,18 +146,25 @@ def load_quantized(module: nn.Module, header: dict[str, tuple[Path, TensorInfo]]
 
 
 def load_weights_of(module: nn.Module, comp, dtype: torch.dtype, device: torch.device,
-                    quantize: str = "none") -> nn.Module:
+                    quantize: str = "none", patch: Callable[[str, Tensor], Tensor] | None = None) -> nn.Module:
     """Fill a meta-device module from a checked modelfiles.Component (only the pieces of keys `module` has): from
-    its GGUF or ComfyUI fp8 file kept quantized, quantized to `quantize` while reading, or plainly in `dtype`."""
+    its GGUF or ComfyUI fp8 file kept quantized, quantized to `quantize` while reading, or plainly in `dtype`;
+    `patch` (a LoRA merge) changes weights before they are quantized (files stored quantized take none: planning
+    refuses LoRAs for GGUF files, and a scaled-fp8 file is refused here)."""
     used = expected_shapes(module)
     pieces = {k: p for k, p in comp.pieces.items() if k in used}
     if comp.where.suffix.lower() == ".gguf":
+        if patch is not None:
+            raise WeightsError(f"{comp.where.name}: LoRAs cannot be merged into a GGUF file's quantized weights")
         return load_gguf(module, comp.where, pieces, dtype, device)
     if comp.where.is_file() and is_scaled_fp8(comp.header):
+        if patch is not None:
+            raise WeightsError(f"{comp.where.name}: LoRAs cannot be merged into a scaled-fp8 file's weights; use a "
+                               "bfloat16 file with --quantize fp8 instead")
         return load_scaled_fp8(module, comp.where, pieces, dtype, device)
     if quantize != "none":
-        return load_quantized(module, comp.header, pieces, dtype, device, quantize)
-    return load_pieces(module, comp.header, pieces, dtype, device)
+        return load_quantized(module, comp.header, pieces, dtype, device, quantize, patch)
+    return load_pieces(module, comp.header, pieces, dtype, device, patch)
 
 
 SCALE_NAMES = ("scale_weight", "weight_scale")  # ComfyUI's older "scaled fp8" files, and newer ones
