@@ -92,9 +92,10 @@ def load_transformer(source: ModelFiles | Path, device: torch.device, dtype: tor
     with torch.device("meta"):
         model = ZImageTransformer(comp.config)
     match_pieces(comp.header, expected_shapes(model), comp.pieces, comp.configured_by, comp.where)
-    if quantize == "none" and comp.where.suffix.lower() != ".gguf":
+    from .quant import describe, is_scaled_fp8, load_weights_of
+
+    if quantize == "none" and comp.where.suffix.lower() != ".gguf" and not is_scaled_fp8(comp.header):
         return load_pieces(model, comp.header, comp.pieces, dtype, device, patch)
-    from .quant import describe, load_weights_of
 
     model = load_weights_of(model, comp, dtype, device, quantize, patch)
     log.info("transformer: %s", describe(model))

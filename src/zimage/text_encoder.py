@@ -57,12 +57,12 @@ class TextEncoder:
             model = Qwen3Model(cfg)
         model.norm = nn.Identity()
         used = expected_shapes(model)
-        if quantize == "none" and comp.where.suffix.lower() != ".gguf":
+        from .quant import describe, is_scaled_fp8, load_weights_of
+
+        if quantize == "none" and comp.where.suffix.lower() != ".gguf" and not is_scaled_fp8(comp.header):
             load_pieces(model, comp.header, {k: p for k, p in comp.pieces.items() if k in used}, dtype, device,
                         patch)
         else:
-            from .quant import describe, load_weights_of
-
             load_weights_of(model, comp, dtype, device, quantize, patch)
             log.info("text encoder: %s", describe(model))
         model.rotary_emb = type(model.rotary_emb)(config=cfg).to(device)  # its buffers were left on meta
