@@ -14,6 +14,7 @@ from typing import Iterator, List, Optional
 
 import typer
 
+from .inputs import recorded_inputs_problem, steps_run
 from .jobs import (Item, Job, UsageError, output_problem, plan_jobs, read_prompts_file, settings_from,
                    settings_problem, Settings)
 from .weights import DOWNLOAD_HINT, MissingFileError, WeightsError, read_config
@@ -124,6 +125,12 @@ def generate(
     vae_tiling: bool = typer.Option(False, "--vae-tiling", help="Decode in overlapping tiles so large images fit in little memory."),
     vae_dtype: Optional[str] = typer.Option(None, "--vae-dtype", help="auto, float32 or bfloat16 for the VAE decode. [default: auto: float32, as the VAE config asks]"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    init_image: Optional[Path] = typer.Option(None, "--init-image", rich_help_panel="Image", help="Start from this picture (image-to-image); the size defaults to its own, rounded down to multiples of 16."),
+    strength: Optional[float] = typer.Option(None, "--strength", rich_help_panel="Image", help="How much of --init-image to repaint, in (0, 1]; runs the last strength x steps. [default: 0.6; 1.0 with --mask]"),
+    mask: Optional[Path] = typer.Option(None, "--mask", rich_help_panel="Image", help="Inpainting: repaint the white part of --init-image, keep the black (any picture; made grey and cut at 50%)."),
+    control_image: Optional[Path] = typer.Option(None, "--control-image", rich_help_panel="Image", help="ControlNet condition used as given (edge, depth or pose map...); needs --controlnet."),
+    control_scale: Optional[float] = typer.Option(None, "--control-scale", rich_help_panel="Image", help="Weight of the ControlNet's output. [default: 0.75]"),
+    controlnet: Optional[Path] = typer.Option(None, "--controlnet", rich_help_panel="Image", help="Z-Image ControlNet (Z-Image-Turbo-Fun-ControlNet-Union or Tile): a folder with config.json, or one .safetensors file."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
 ) -> None:
     """Turn prompts into images."""
@@ -135,7 +142,10 @@ def generate(
             raise UsageError(f"--num-images must be at least 1 (got {num_images})")
         settings = dict(negative_prompt=negative_prompt, width=width, height=height, num_steps=num_steps,
                         guidance_scale=guidance_scale, cfg_normalization=cfg_normalization,
-                        cfg_truncation=cfg_truncation, seed=seed)
+                        cfg_truncation=cfg_truncation, seed=seed,
+                        **{k: None if v is None else str(v) for k, v in dict(
+                            init_image=init_image, mask=mask, control_image=control_image,
+                            controlnet=controlnet).items()}, strength=strength, control_scale=control_scale)
         jobs, skipped, model = plan(prompt, prompts_file, from_png, model_path, output, num_images, overwrite,
                                     settings)
         opts = runtime_options(model, jobs, batch_size, cpu, device, dtype, force, offload, compile_, vae_tiling,
@@ -211,7 +221,8 @@ def run_jobs(opts, jobs: list[Job], batch_size: int, json_out: bool) -> list[str
         raise
     elapsed = time.perf_counter() - start
     if len(jobs) == 1 and written:
-        err(f"Saved {written[0].output} (seed {written[0].settings.seed}, {elapsed:.1f}s)")
+        s = written[0].settings
+        err(f"Saved {written[0].output} (seed {s.seed}, {steps_run(s)} of {s.num_steps} steps, {elapsed:.1f}s)")
     else:
         err(f"{len(written)} image(s) written, {len(failed)} failed, in {elapsed:.1f}s")
     return failed
@@ -227,6 +238,8 @@ def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path
     from .vae import VAEConfig
 
     base, meta = base_settings(from_png, **given)
+    if problem := recorded_inputs_problem(meta, given):
+        raise UsageError(problem)
     if given["seed"] is None and "seed" not in meta:
         base["seed"] = secrets.randbits(32)
         log.info("seed %d (random; pass --seed %d to reproduce)", base["seed"], base["seed"])
@@ -261,10 +274,16 @@ def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path
     read_config(SchedulerConfig.from_json, model / "scheduler" / "scheduler_config.json")
     max_side = tcfg.max_image_side * vcfg.scale_factor
     guidance_given = given["guidance_scale"] is not None or "guidance_scale" in settings_from(meta)
-    result = plan_jobs(base, items, output, num_images, str(model), max_side, guidance_given, overwrite)
+    size_given = (given["width"] is not None or "width" in meta, given["height"] is not None or "height" in meta)
+    result = plan_jobs(base, items, output, num_images, str(model), max_side, guidance_given, overwrite, size_given)
     cli_errors = [m for item, m in result.errors if item.from_cli]
     if cli_errors:
         raise UsageError(cli_errors[0])
+    if any(j.settings.control_image for j in result.jobs):
+        from .controlnet import controlnet_problem
+
+        if problem := controlnet_problem(Path(base["controlnet"]), tcfg, any(j.settings.mask for j in result.jobs)):
+            raise UsageError(problem)
     return result.jobs, file_errors + [m for _, m in result.errors], model
 
 

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .images import FORMATS
+from .inputs import INPUT_FIELDS, InputImageError, input_metadata, inputs_problem, picture_defaults
 
 MAX_SEED = 2**64 - 1
 DEFAULT_GUIDANCE_WITH_NEGATIVE = 5.0
 JSONL_FIELDS = {"prompt", "negative_prompt", "seed", "width", "height", "num_steps", "guidance_scale", "output",
-                "cfg_normalization", "cfg_truncation", "num_images"}
+                "cfg_normalization", "cfg_truncation", "num_images", "init_image", "strength", "mask", "control_image",
+                "control_scale"}
 PLACEHOLDERS = {"index", "seed", "prompt"}
 
 
@@ -41,6 +43,12 @@ class Settings:
     cfg_normalization: float = 0.0
     cfg_truncation: float = 1.0
     seed: int = 0
+    init_image: str | None = None  # start from this picture (image-to-image; inpainting with `mask`)
+    strength: float | None = None  # None: the reference's default for the mode (inputs.picture_defaults)
+    mask: str | None = None  # white = repaint, black = keep
+    control_image: str | None = None  # ControlNet condition, used as given
+    control_scale: float = 0.75  # the reference's controlnet_conditioning_scale default
+    controlnet: str | None = None  # ControlNet checkpoint (folder or file)
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,7 @@ class Job:
         return {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "steps": s.num_steps,
                 "guidance": s.guidance_scale, "cfg_normalization": s.cfg_normalization,
                 "cfg_truncation": s.cfg_truncation, "seed": s.seed, "width": s.width, "height": s.height,
-                "model": Path(self.model).name, "model_path": self.model}
+                "model": Path(self.model).name, "model_path": self.model, **input_metadata(s)}
 
 
 def round16(n: int, up: bool) -> int:
@@ -200,12 +208,20 @@ def read_prompts_file(path: str) -> tuple[list[Item], list[str]]:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read prompts file {p}: {e}") from None
-    return read_prompt_lines(text, p.name, jsonl=p.suffix.lower() == ".jsonl")
+    items, errors = read_prompt_lines(text, p.name, jsonl=p.suffix.lower() == ".jsonl")
+    return [relative_to(item, p.parent) for item in items], errors
+
+
+def relative_to(item: Item, folder: Path) -> Item:
+    """The item with its relative picture paths taken as relative to `folder` (the JSONL file's)."""
+    fields = {k: str(folder / v) if k in INPUT_FIELDS and isinstance(v, str) else v for k, v in item.fields.items()}
+    return Item(fields, item.origin, item.from_cli)
 
 
 TYPES = {"prompt": str, "negative_prompt": str, "seed": int, "width": int, "height": int, "num_steps": int,
          "guidance_scale": float, "cfg_normalization": float, "cfg_truncation": float, "output": str,
-         "num_images": int}
+         "num_images": int, "init_image": str, "strength": float, "mask": str, "control_image": str,
+         "control_scale": float}
 
 
 def typed(fields: dict, origin: str) -> dict:
@@ -229,7 +245,7 @@ class Plan:
 
 
 def plan_jobs(base: dict, items: list[Item], output: str, num_images: int, model: str, max_side: int,
-              guidance_given: bool, overwrite: bool) -> Plan:
+              guidance_given: bool, overwrite: bool, size_given: tuple[bool, bool] = (True, True)) -> Plan:
     """Expand items into jobs: per-item fields over `base` settings, seeds `seed + k` with k counted over the run
     (or within the item when it names its own seed), files from the output template. Problems of single items
     become errors; the other items still run."""
@@ -258,10 +274,15 @@ def plan_jobs(base: dict, items: list[Item], output: str, num_images: int, model
             merged["guidance_scale"] = DEFAULT_GUIDANCE_WITH_NEGATIVE if merged["negative_prompt"] else 0.0
         if 0 <= merged["seed"] <= MAX_SEED:
             merged["seed"] = (merged["seed"] + (k if "seed" in fields else index)) % (MAX_SEED + 1)
+        try:
+            merged = picture_defaults(merged, fields, size_given)
+        except InputImageError as e:
+            errors.append((item, f"{item.origin}: {e}"))
+            continue
         settings = Settings(**merged)
         path = render_output(item_output or output, index, settings.seed, settings.prompt,
                              len(expanded) > 1 and item_output is None)
-        problem = settings_problem(settings, max_side) or output_problem(path)
+        problem = settings_problem(settings, max_side) or inputs_problem(settings) or output_problem(path)
         if not problem and path in seen:
             problem = f"output {path} is also the output of {seen[path]}"
         if not problem and path.exists() and not overwrite:
@@ -278,5 +299,6 @@ def settings_from(meta: dict) -> dict:
     """Settings stored in an image's metadata, as keyword overrides."""
     keys = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "num_steps",
             "guidance": "guidance_scale", "cfg_normalization": "cfg_normalization",
-            "cfg_truncation": "cfg_truncation", "seed": "seed", "width": "width", "height": "height"}
+            "cfg_truncation": "cfg_truncation", "seed": "seed", "width": "width", "height": "height",
+            **{k: k for k in (*INPUT_FIELDS, "strength", "control_scale", "controlnet")}}
     return {ours: meta[theirs] for theirs, ours in keys.items() if theirs in meta}

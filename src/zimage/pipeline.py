@@ -20,7 +20,8 @@ from .images import save_image, to_pil
 from .jobs import Job
 from .devices import tune_allocator
 from .offload import BlockStreamer, empty_cache
-from .scheduler import Guidance, SchedulerConfig, denoise, get_noise, get_sigmas, model_times
+from .picture import blender, latent_mask, start_latents
+from .scheduler import Guidance, SchedulerConfig, denoise, first_step, get_noise, get_sigmas, model_times
 from .text_encoder import TextEncoder
 from .transformer import TransformerConfig, ZImageTransformer
 from .vae import AutoencoderKL, VAEConfig
@@ -115,7 +116,8 @@ def batches(jobs: list[Job], size: int) -> list[list[Job]]:
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
         s = job.settings
-        key = (s.width, s.height, s.num_steps, s.guidance_scale, s.cfg_normalization, s.cfg_truncation)
+        key = (s.width, s.height, s.num_steps, s.guidance_scale, s.cfg_normalization, s.cfg_truncation,
+               s.init_image is None, s.strength, s.mask is None, s.control_image is None, s.control_scale)
         groups.setdefault(key, []).append(job)
     return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
 
@@ -198,9 +200,12 @@ class Pipeline:
         guidance = Guidance(s.guidance_scale, s.cfg_normalization, s.cfg_truncation)
         caps = [feats[j.settings.prompt].to(device) for j in batch]
         neg = [feats[j.settings.negative_prompt].to(device) for j in batch] if guidance.scale > 0 else None
+        blend = None
+        if s.init_image:
+            noise, sigmas, times, blend = self.picture_start(batch, sigmas, times)
         if self.opts.offload == "model":
             model.to(device)
-        bar = tqdm(total=s.num_steps, desc=f"{len(batch)}x {s.width}x{s.height}", unit="step",
+        bar = tqdm(total=len(times), desc=f"{len(batch)}x {s.width}x{s.height}", unit="step",
                    disable=not self.opts.progress, leave=False)
         last = [time.perf_counter()]
 
@@ -213,12 +218,42 @@ class Pipeline:
             bar.update()
 
         try:
-            return denoise(model, noise, sigmas, times, caps, neg, guidance, on_step)
+            return denoise(model, noise, sigmas, times, caps, neg, guidance, on_step, blend)
         finally:
             bar.close()
             if self.opts.offload == "model":
                 model.to("cpu")
                 empty_cache(device)
+
+    def picture_start(self, batch: list[Job], sigmas: torch.Tensor, times: torch.Tensor) -> tuple:
+        """Image-to-image and inpainting: the start latents, the part of the schedule that runs, and the blend
+        after each step (inpainting; else None), as the reference's pipelines make them."""
+        s, device, c = batch[0].settings, self.compute_device, self.transformer.cfg.in_channels
+        start = first_step(s.num_steps, s.strength)
+        sigmas, times = sigmas[start:], times[start:]
+        t0 = time.perf_counter()
+        with self.vae_on_device():
+            parts = [start_latents(self.vae, j.settings.init_image, j.settings.seed, s.width, s.height, sigmas[0], c,
+                                   device) for j in batch]
+        latents, noise, image = (torch.cat(p) for p in zip(*parts))
+        blend = None
+        if s.mask:
+            masks = torch.cat([latent_mask(j.settings.mask, s.width, s.height, latents.shape[-2:], device)
+                               for j in batch])
+            blend = blender(image, noise, masks, sigmas)
+        self.timings.encode += time.perf_counter() - t0
+        return latents, sigmas, times, blend
+
+    @contextmanager
+    def vae_on_device(self):
+        if self.opts.offload != "none":
+            self.vae.to(self.compute_device)
+        try:
+            yield
+        finally:
+            if self.opts.offload != "none":
+                self.vae.to("cpu")
+                empty_cache(self.compute_device)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
