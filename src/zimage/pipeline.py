@@ -20,7 +20,7 @@ from .images import save_image, to_pil
 from .jobs import Job
 from .devices import tune_allocator
 from .offload import BlockStreamer, empty_cache
-from .picture import blender, latent_mask, start_latents
+from .picture import blender, control_latents, latent_mask, start_latents
 from .scheduler import Guidance, SchedulerConfig, denoise, first_step, get_noise, get_sigmas, model_times
 from .text_encoder import TextEncoder
 from .transformer import TransformerConfig, ZImageTransformer
@@ -134,6 +134,9 @@ class Pipeline:
         self.transformer: ZImageTransformer | None = None
         self.vae: AutoencoderKL | None = None
         self.streamer: BlockStreamer | None = None
+        self.controlnet = None  # loaded with the transformer when a job has a control image
+        self.controlnet_path: str | None = None
+        self.controlnet_streamer: BlockStreamer | None = None
 
     @property
     def compute_device(self) -> torch.device:
@@ -173,14 +176,25 @@ class Pipeline:
             for block in [*self.transformer.noise_refiner, *self.transformer.context_refiner, *self.transformer.layers]:
                 block.compile(dynamic=False)
         self.vae = load_vae(self.opts.model_path, self.storage_device, self.opts.vae_dtype, self.opts.dtype)
+        if self.controlnet_path:
+            self.load_controlnet()
         self.timings.load += time.perf_counter() - t0
         log.info("transformer and VAE loaded in %.1fs", time.perf_counter() - t0)
 
+    def load_controlnet(self) -> None:
+        from .controlnet import load_controlnet
+
+        self.controlnet = load_controlnet(Path(self.controlnet_path), self.transformer.cfg, self.storage_device,
+                                          self.opts.dtype)
+        if self.opts.offload == "sequential":
+            self.controlnet_streamer = BlockStreamer(self.controlnet, self.controlnet.blocks, self.compute_device)
+
     def release_transformer(self) -> None:
-        if self.streamer is not None:
-            self.streamer.remove()
-        released = [weakref.ref(self.transformer)] if self.transformer is not None else []
-        self.transformer = self.streamer = None
+        for streamer in (self.streamer, self.controlnet_streamer):
+            if streamer is not None:
+                streamer.remove()
+        released = [weakref.ref(m) for m in (self.transformer, self.controlnet) if m is not None]
+        self.transformer = self.streamer = self.controlnet = self.controlnet_streamer = None
         free_memory(released, self.compute_device)
 
     def close(self) -> None:
@@ -201,10 +215,14 @@ class Pipeline:
         caps = [feats[j.settings.prompt].to(device) for j in batch]
         neg = [feats[j.settings.negative_prompt].to(device) for j in batch] if guidance.scale > 0 else None
         blend = None
-        if s.init_image:
+        if s.init_image and not s.control_image:
             noise, sigmas, times, blend = self.picture_start(batch, sigmas, times)
+        if s.control_image:
+            model = self.controlled(batch)
         if self.opts.offload == "model":
-            model.to(device)
+            self.transformer.to(device)
+            if self.controlnet is not None:
+                self.controlnet.to(device)
         bar = tqdm(total=len(times), desc=f"{len(batch)}x {s.width}x{s.height}", unit="step",
                    disable=not self.opts.progress, leave=False)
         last = [time.perf_counter()]
@@ -222,7 +240,9 @@ class Pipeline:
         finally:
             bar.close()
             if self.opts.offload == "model":
-                model.to("cpu")
+                self.transformer.to("cpu")
+                if self.controlnet is not None:
+                    self.controlnet.to("cpu")
                 empty_cache(device)
 
     def picture_start(self, batch: list[Job], sigmas: torch.Tensor, times: torch.Tensor) -> tuple:
@@ -243,6 +263,20 @@ class Pipeline:
             blend = blender(image, noise, masks, sigmas)
         self.timings.encode += time.perf_counter() - t0
         return latents, sigmas, times, blend
+
+    def controlled(self, batch: list[Job]):
+        """The transformer steered by the ControlNet with the batch's control images (and, for ControlNet
+        inpainting, their masks and init images) as the reference's ControlNet pipelines encode them."""
+        from .controlnet import Controlled
+
+        s, device = batch[0].settings, self.compute_device
+        t0 = time.perf_counter()
+        with self.vae_on_device():
+            context = torch.cat([control_latents(self.vae, j.settings.control_image, s.width, s.height,
+                                                 self.controlnet.cfg.control_in_dim, device, j.settings.init_image,
+                                                 j.settings.mask) for j in batch])
+        self.timings.encode += time.perf_counter() - t0
+        return Controlled(self.transformer, self.controlnet, context, s.control_scale)
 
     @contextmanager
     def vae_on_device(self):
@@ -274,6 +308,7 @@ class Pipeline:
         prompts = [j.settings.prompt for j in jobs]
         prompts += [j.settings.negative_prompt for j in jobs if j.settings.guidance_scale > 0]
         what = "loading the models"
+        self.controlnet_path = next((j.settings.controlnet for j in jobs if j.settings.control_image), None)
         try:
             feats = self.encode(prompts)
             self.load_denoiser()
