@@ -140,8 +140,6 @@ def inputs_problem(s) -> str | None:
         return "--strength is not used with --control-image (ControlNet inpainting starts from noise)"
     if s.strength is not None and not 0 < s.strength <= 1:
         return f"--strength must be in (0, 1] (got {s.strength})"
-    if s.strength is not None and first_step(s.num_steps, s.strength) >= s.num_steps:
-        return f"--strength {s.strength} leaves none of the {s.num_steps} steps to run; raise it or --num-steps"
     try:
         sizes = {role: image_size(Path(getattr(s, role)), flag) for role, flag in ROLES.items() if getattr(s, role)}
     except InputImageError as e:
