@@ -75,6 +75,7 @@ class Timings:
     encode: float = 0.0
     steps: list[float] = field(default_factory=list)
     decode: float = 0.0
+    pictures: float = 0.0  # VAE encoding of init, mask-area and control images
 
 
 def load_transformer(model_path: Path, device: torch.device, dtype: torch.dtype) -> ZImageTransformer:
@@ -261,7 +262,7 @@ class Pipeline:
             masks = torch.cat([latent_mask(j.settings.mask, s.width, s.height, latents.shape[-2:], device)
                                for j in batch])
             blend = blender(image, noise, masks, sigmas)
-        self.timings.encode += time.perf_counter() - t0
+        self.timings.pictures += time.perf_counter() - t0
         return latents, sigmas, times, blend
 
     def controlled(self, batch: list[Job]):
@@ -275,7 +276,7 @@ class Pipeline:
             context = torch.cat([control_latents(self.vae, j.settings.control_image, s.width, s.height,
                                                  self.controlnet.cfg.control_in_dim, device, j.settings.init_image,
                                                  j.settings.mask) for j in batch])
-        self.timings.encode += time.perf_counter() - t0
+        self.timings.pictures += time.perf_counter() - t0
         return Controlled(self.transformer, self.controlnet, context, s.control_scale)
 
     @contextmanager
