@@ -119,3 +119,14 @@ def test_controlnet_inpainting_matches_reference(tiny, base, tmp_path):
                     guidance_scale=0.0,
                     controlnet_conditioning_scale=0.9, generator=torch.Generator().manual_seed(SEED)).images[0]
     assert np.abs(pixels(out) - np.asarray(expected).astype(int)).max() <= 2
+
+
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_controlnet_with_offload_gives_the_same_picture(tiny, tmp_path, offload):
+    make_controlnet(tmp_path / "cn", "2.1")
+    picture(64, 48, seed=9).save(tmp_path / "c.png")
+    for mode in ("none", offload):
+        result = generate(tiny, "--control-image", str(tmp_path / "c.png"), "--controlnet", str(tmp_path / "cn"),
+                          "--offload", mode, "-o", str(tmp_path / f"{mode}.png"))
+        assert result.exit_code == 0, result.output
+    assert np.array_equal(pixels(tmp_path / "none.png"), pixels(tmp_path / f"{offload}.png"))
