@@ -130,7 +130,7 @@ def generate(
     mask: Optional[Path] = typer.Option(None, "--mask", rich_help_panel="Image", help="Inpainting: repaint the white part of --init-image, keep the black (any picture; made grey and cut at 50%)."),
     control_image: Optional[Path] = typer.Option(None, "--control-image", rich_help_panel="Image", help="ControlNet condition used as given (edge, depth or pose map...); needs --controlnet."),
     control_scale: Optional[float] = typer.Option(None, "--control-scale", rich_help_panel="Image", help="Weight of the ControlNet's output. [default: 0.75]"),
-    controlnet: Optional[Path] = typer.Option(None, "--controlnet", rich_help_panel="Image", help="Z-Image ControlNet (Z-Image-Turbo-Fun-ControlNet-Union or Tile): a folder with config.json, or one .safetensors file."),
+    controlnet: Optional[Path] = typer.Option(None, "--controlnet", rich_help_panel="Image", help="Z-Image ControlNet (Z-Image-Turbo-Fun-ControlNet-Union 1.0/2.0/2.1): a diffusers folder, or the one .safetensors file published."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
 ) -> None:
     """Turn prompts into images."""
