@@ -78,6 +78,7 @@ def run_zimage(a) -> dict:
 
     model = Path(a.model_path)
     extra = {"vae_dtype": getattr(torch, a.vae_dtype)} if a.vae_dtype else {}
+    extra.update(quantize=a.quantize, quantize_text_encoder=a.quantize_text_encoder)
     opts = Options(model, device, dtype, offload=a.offload, compile=a.compile, progress=False, **extra)
     picture = {"init_image": a.init_image, "strength": a.img2img} if a.img2img else {}
     settings = Settings(prompt=a.prompt, width=a.width, height=a.height, num_steps=a.steps, seed=a.seed, **picture)
@@ -272,7 +273,8 @@ def run_child(impl: str, a, model: Path, workdir: Path, run: int = 0) -> dict:
            "--model-path", str(model), "--dtype", a.dtype, "--device", a.device, "--width", str(a.width),
            "--height", str(a.height), "--steps", str(a.steps), "--seed", str(a.seed), "--prompt", a.prompt,
            "--offload", a.offload] + (["--compile"] if a.compile else []) + (
-           ["--vae-dtype", a.vae_dtype] if a.vae_dtype else []) + (
+           ["--vae-dtype", a.vae_dtype] if a.vae_dtype else []) + [
+           "--quantize", a.quantize, "--quantize-text-encoder", a.quantize_text_encoder] + (
            ["--img2img", str(a.img2img), "--init-image", a.init_image] if a.img2img else [])
     if a.cold:
         drop_page_cache()
@@ -512,6 +514,10 @@ def main() -> int:
                     help="set an environment variable for the zimage child only (what-if experiments)")
     ap.add_argument("--vae-dtype", choices=("float32", "bfloat16"),
                     help="zimage's VAE dtype (default: float32, as the VAE config's force_upcast asks)")
+    ap.add_argument("--quantize", default="none", choices=("none", "int8", "fp8"),
+                    help="zimage: quantize the transformer's weights while loading (a GGUF model folder needs none)")
+    ap.add_argument("--quantize-text-encoder", default="none", choices=("none", "int8", "fp8"),
+                    help="zimage: the same for the text encoder")
     ap.add_argument("--only", choices=IMPLS, help="run one implementation only")
     ap.add_argument("--img2img", type=float, metavar="STRENGTH",
                     help="image-to-image from a generated picture at this strength; adds a VAE encode row")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# an empty Hugging Face cache: a model the developer has cached must not stand in for a missing folder
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="zimage-tests-hf-cache-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,19 +17,22 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+import zimage.pipeline
 from zimage.cli import app
 from zimage.offload import BlockStreamer
 from zimage.pipeline import load_transformer, load_vae
 from zimage.transformer import ONEDNN_LINEAR, ZImageTransformer
+from zimage.vae import AutoencoderKL
 from zimage.weights import READ_GROUP_BYTES, checkpoint_header, read_groups
 
 CPU = torch.device("cpu")
+SRC = Path(zimage.pipeline.__file__).resolve().parents[1]  # the zimage under test, for child processes
 
 
 def generate(tiny, out, *extra):
     result = CliRunner().invoke(app, ["generate", "--model-path", str(tiny), "--prompt", "a quiet harbour at dusk",
                                       "--width", "96", "--height", "64", "--seed", "11", "--negative-prompt", "fog",
-                                      "--output", str(out), "-q", *extra])
+                                      "--output", str(out), "-q", "--dtype", "float32", *extra])
     assert result.exit_code == 0, result.output
     return np.asarray(Image.open(out).convert("RGB")).astype(int)
 
@@ -32,9 +42,38 @@ def baseline(tiny, tmp_path_factory):
     return generate(tiny, tmp_path_factory.mktemp("base") / "base.png")
 
 
+def spy_offload(monkeypatch) -> dict[str, list]:
+    """Evidence that an offload mode really ran: for `sequential`, each block entered with weights that are copies,
+    not its host weights; for `model`, the transformer's moves (to the compute device and back)."""
+    seen: dict[str, list] = {"sequential": [], "model": []}
+    real_enter, real_to = BlockStreamer._enter, torch.nn.Module.to
+
+    def enter(self, i):
+        real_enter(self, i)
+        seen["sequential"].append(all(p.data_ptr() != h.data_ptr() for p, h in zip(self.params[i], self.host[i])))
+
+    def to(self, *args, **kwargs):
+        if isinstance(self, ZImageTransformer) and (args or "device" in kwargs):
+            seen["model"].append(str(args[0] if args else kwargs["device"]))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(BlockStreamer, "_enter", enter)
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    return seen
+
+
 @pytest.mark.parametrize("offload", ["model", "sequential"])
-def test_offload_modes_give_the_same_image(tiny, tmp_path, baseline, offload):
-    assert np.abs(generate(tiny, tmp_path / "o.png", "--offload", offload) - baseline).max() <= 2
+def test_offload_modes_give_the_same_image(tiny, tmp_path, baseline, offload, monkeypatch):
+    """The image is the same, and the mode really ran: blocks computed with streamed copies of their weights
+    (sequential), or the transformer moved to the compute device and back (model). On the CPU the moves of
+    `model` are no-ops; tests/test_gpu_paths.py tells them apart, and gpu_check.sh runs both on a GPU."""
+    seen = spy_offload(monkeypatch)
+    image = generate(tiny, tmp_path / "o.png", "--offload", offload)
+    assert np.abs(image - baseline).max() <= 2
+    if offload == "sequential":
+        assert seen["sequential"] and all(seen["sequential"])
+    else:
+        assert seen["model"] == ["cpu", "cpu"]
 
 
 def test_compiled_blocks_give_the_same_image(tiny, tmp_path, baseline):
@@ -60,25 +99,66 @@ def test_block_streamer_keeps_outputs_and_leaves_weights_on_the_host(tiny):
     assert [p.data_ptr() for b in blocks for p in b.parameters()] == host
 
 
-def test_lean_loading_converts_tensor_by_tensor(tiny, monkeypatch):
-    """The float32 checkpoint becomes bfloat16 without a float32 copy of the model: each tensor is converted
-    as soon as it is read, so at most one float32 tensor is alive at a time."""
-    alive = []
-    peak = [0]
-    real_to = torch.Tensor.to
+LOAD = """
+import json, sys
+from pathlib import Path
+import torch
+from zimage.pipeline import load_transformer
 
-    def tracking_to(self, *args, **kwargs):
-        out = real_to(self, *args, **kwargs)
-        if self.dtype == torch.float32 and out.dtype == torch.bfloat16:
-            alive.append(self.numel())
-            peak[0] = max(peak[0], len(alive))
-            alive.clear()
-        return out
+torch.set_num_threads(1)
+torch.ones(1).to(torch.bfloat16)  # torch sets up its kernels before the baseline
+print("ready", flush=True)
+sys.stdin.readline()
+model = load_transformer(Path(sys.argv[1]), torch.device("cpu"), torch.bfloat16)
+print(json.dumps({"model": sum(p.numel() * p.element_size() for p in model.parameters())}), flush=True)
+sys.stdin.readline()
+"""
 
-    monkeypatch.setattr(torch.Tensor, "to", tracking_to)
-    model = load_transformer(tiny, CPU, torch.bfloat16)
-    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    assert peak[0] == 1
+
+def rss_anon(pid: int) -> int:
+    """Resident anonymous memory of a process: what it allocated (file pages of its memory maps excluded)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory):
+    """A float32 transformer of ~320 MB, big enough that a float32 copy would stand out from the process's noise."""
+    from zimage.tiny import TinySpec, make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("medium") / "m", TinySpec(dim=1024, n_layers=4, n_heads=8,
+                                                                       axes_dims=(32, 48, 48)))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RssAnon from /proc")
+def test_lean_loading_converts_tensor_by_tensor(medium):
+    """The float32 checkpoint becomes bfloat16 without a float32 copy of the model: a real load, in a fresh
+    process, grows its anonymous memory by about the bfloat16 model's size (a float32 copy would add twice that)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))}
+    child = subprocess.Popen([sys.executable, "-c", LOAD, str(medium)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        base = peak = rss_anon(child.pid)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        # sampled from outside, so the child's own threads are not slowed by the sampling
+        result: list[str] = []
+        reader = threading.Thread(target=lambda: result.append(child.stdout.readline()))
+        reader.start()
+        while reader.is_alive():
+            peak = max(peak, rss_anon(child.pid))
+            time.sleep(0.001)
+        peak = max(peak, rss_anon(child.pid))
+        child.stdin.write("done\n")
+        child.stdin.flush()
+        assert child.wait() == 0
+    finally:
+        child.kill()
+    model = json.loads(result[0])["model"]
+    grown = peak - base
+    assert model > 100 * 2**20
+    assert grown < 1.5 * model, f"load grew memory by {grown / 2**20:.0f} MiB for a {model / 2**20:.0f} MiB model"
 
 
 def test_reads_are_grouped_in_bounded_runs(checkpoints):
@@ -165,9 +245,19 @@ def test_tiled_decode_has_the_right_size_and_no_seams(tiny):
     assert diff[..., 16 * 8 : 48 * 8].mean().item() <= 2 * diff.mean().item() + 0.5
 
 
-def test_vae_tiling_flag_runs_end_to_end(tiny, tmp_path, baseline):
-    image = generate(tiny, tmp_path / "t.png", "--vae-tiling")
-    assert image.shape == baseline.shape
+def test_vae_tiling_flag_decodes_in_tiles_close_to_the_whole(tiny, tmp_path, monkeypatch):
+    """--vae-tiling really tiles (576 px is wider than one 512 px tile) and gives the untiled image to within
+    rounding of the shared statistics."""
+    tiled_calls = []
+    real = AutoencoderKL._decode_tiled
+    monkeypatch.setattr(AutoencoderKL, "_decode_tiled", lambda self, *a: tiled_calls.append(a[1:]) or real(self, *a))
+    size = ["--width", "576", "--height", "64", "--num-steps", "2"]
+    whole = generate(tiny, tmp_path / "w.png", *size)
+    assert tiled_calls == []
+    tiled = generate(tiny, tmp_path / "t.png", *size, "--vae-tiling")
+    assert tiled_calls == [(64, 16)]
+    assert tiled.shape == whole.shape == (64, 576, 3)
+    assert np.abs(tiled - whole).mean() <= 3
 
 
 def test_vae_dtype_bfloat16_decodes_close_to_float32(tiny, tmp_path, baseline):

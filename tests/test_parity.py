@@ -157,7 +157,7 @@ def test_generated_png_matches_reference_pipeline(checkpoints, reference, tmp_pa
     case, prompt, seed = CASES[case_name], "a red fox in the snow", 1234
     out = tmp_path / "out.png"
     args = ["generate", "--model-path", str(checkpoints[name]), "--prompt", prompt, "--width", str(case["width"]),
-            "--height", str(case["height"]), "--seed", str(seed), "--output", str(out), "-q"]
+            "--height", str(case["height"]), "--seed", str(seed), "--output", str(out), "-q", "--dtype", "float32"]
     if case["negative"] is not None:
         args += ["--negative-prompt", case["negative"]]
     if case["guidance"] is not None:
@@ -177,7 +177,8 @@ def test_batch_of_images_matches_reference_batch(tiny, reference, tmp_path):
     prompts, seed = ["a cat", "a lighthouse on a cliff at night"], 7
     result = CliRunner().invoke(app, ["generate", "--model-path", str(tiny), "--prompt", prompts[0], "--prompt",
                                       prompts[1], "--width", "64", "--height", "96", "--seed", str(seed),
-                                      "--batch-size", "2", "--output", str(tmp_path / "img.png"), "-q"])
+                                      "--batch-size", "2", "--output", str(tmp_path / "img.png"), "-q",
+                                      "--dtype", "float32"])
     assert result.exit_code == 0, result.output
     gens = [torch.Generator("cpu").manual_seed(seed + k) for k in range(2)]
     images = reference["single"](prompt=prompts, width=64, height=96, num_inference_steps=8, guidance_scale=0.0,

@@ -13,9 +13,10 @@ import sys
 import psutil
 import torch
 
-from .jobs import UsageError
-from .transformer import TransformerConfig
-from .weights import WEIGHT_STEMS, checkpoint_header, human_bytes
+from .errors import UsageError
+from .modelfiles import ModelFiles, component, weights_header
+from .singlefile import strip_prefix
+from .weights import TensorInfo, human_bytes
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16}
@@ -76,6 +77,49 @@ def pick_dtype(name: str | None, device: torch.device, force: bool) -> torch.dty
     return dtype
 
 
+def native_bf16() -> str | None:
+    """The CPU feature that computes bfloat16 natively (x86 AMX-BF16 or AVX512-BF16, ARM BF16), or None.
+    torch.backends.cpu.get_cpu_capability() stops at 'AVX512', so the kernel's CPU flags are read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    flags = {f for line in text.splitlines() if line.startswith(("flags", "Features")) for f in line.split()}
+    for feature in ("amx_bf16", "avx512_bf16", "bf16"):  # "bf16" is ARM's name in the Features line
+        if feature in flags:
+            return feature
+    if sys.platform == "darwin":  # Apple silicon from M2 on; no /proc there
+        try:
+            import subprocess
+
+            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True)
+            return "FEAT_BF16" if out.stdout.strip() == "1" else None
+        except OSError:
+            return None
+    return None
+
+
+def cpu_dtype(float32_peak: int) -> tuple[torch.dtype, str]:
+    """What `--dtype auto` runs on the CPU, and why: bfloat16 where the CPU computes it natively or where float32
+    (needing `float32_peak` bytes) would not fit in the free memory, else float32."""
+    if feature := native_bf16():
+        return torch.bfloat16, f"the CPU computes bfloat16 natively ({feature}); --dtype float32 for full precision"
+    free = available_bytes(torch.device("cpu"))
+    if float32_peak > free:
+        return torch.bfloat16, (f"float32 would need about {human_bytes(float32_peak)} and {human_bytes(free)} is "
+                                "free")
+    return torch.float32, "this CPU has no native bfloat16"
+
+
+def quantize_problem(fmt: str, device: torch.device) -> str | None:
+    """Why weights cannot be quantized to `fmt` on `device` (an unknown name, fp8 without hardware), or None."""
+    from .quant import QUANTIZE, fp8_problem
+
+    if fmt not in QUANTIZE:
+        return f"unknown quantization '{fmt}'; use {', '.join(QUANTIZE)}"
+    return fp8_problem(device) if fmt == "fp8" else None
+
+
 @dataclass(frozen=True)
 class Needs:
     """Bytes each stage needs: weights in the run's dtype plus working memory."""
@@ -96,45 +140,79 @@ class Needs:
         return max(self.text_encoder // 8, 2 * self.block + (self.transformer // 50) + self.denoise_work,
                    self.vae + self.decode_work)
 
+    def host(self, offload: str) -> int:
+        """Peak bytes of host RAM that an offload mode keeps the weights in while computing on a GPU (without
+        offload, weights go straight to the GPU tensor by tensor). Sequential streaming pins its blocks in
+        exactly sized buffers, so its weights take their own size."""
+        if offload == "none":
+            return 0
+        if offload == "model":  # the text encoder loads straight onto the GPU
+            return self.transformer + self.vae
+        return max(self.text_encoder, self.transformer + self.vae)
 
-def weight_bytes(folder: Path, stem: str, dtype: torch.dtype) -> tuple[int, int]:
-    """(bytes of all tensors in `dtype`, bytes of the largest transformer-block group) from the file headers."""
+
+def weight_bytes(header: dict[str, tuple[Path, TensorInfo]], dtype: torch.dtype,
+                 quantize: str = "none") -> tuple[int, int]:
+    """(bytes of all tensors in `dtype`, bytes of the largest transformer-block group) from the file headers;
+    quantized weights (GGUF blocks, or the matrices under `quantize` int8/fp8) count as they are held."""
     size = torch.tensor([], dtype=dtype).element_size()
-    header = checkpoint_header(folder, stem)
-    total = sum(info.numel for _, info in header.values()) * size
     per_block: dict[str, int] = {}
+    total = 0
     for name, (_, info) in header.items():
-        parts = name.removeprefix("model.").split(".")
+        matrix = quantize != "none" and len(info.shape) == 2 and info.shape[0] > 1
+        n = info.stored if info.stored is not None else info.numel * (1 if matrix else size)
+        total += n
+        parts = strip_prefix(name, ("model.diffusion_model.", "diffusion_model.", "model.")).split(".")
         if len(parts) > 2 and parts[0] in ("layers", "noise_refiner", "context_refiner"):
             key = ".".join(parts[:2])
-            per_block[key] = per_block.get(key, 0) + info.numel * size
+            per_block[key] = per_block.get(key, 0) + n
     return total, max(per_block.values(), default=0)
 
 
-def estimate(model_path: Path, dtype: torch.dtype, width: int, height: int, batch: int, cfg_on: bool) -> Needs:
-    te, _ = weight_bytes(model_path / "text_encoder", WEIGHT_STEMS["text_encoder"], dtype)
-    tr, block = weight_bytes(model_path / "transformer", WEIGHT_STEMS["transformer"], dtype)
-    vae, _ = weight_bytes(model_path / "vae", WEIGHT_STEMS["vae"], torch.float32)
-    tcfg = TransformerConfig.from_json(model_path / "transformer" / "config.json")
+def decode_work(batch: int, width: int, height: int, tile: int | None, scale: int = 8) -> int:
+    """Working bytes of a VAE decode: a few full-resolution 128-channel float32 maps; with `tile` (latent pixels
+    per tile side) those maps are a tile's, plus the whole image's float32 blend buffers and the latent-resolution
+    512-channel maps of the mid block."""
+    if tile is None:
+        return batch * 128 * height * width * 4 * 6
+    side_h, side_w = min(height, tile * scale), min(width, tile * scale)
+    blend = (2 * 3 * batch + 1) * height * width * 4
+    mid = batch * 512 * (height // scale) * (width // scale) * 4 * 4
+    return batch * 128 * side_h * side_w * 4 * 6 + blend + mid
+
+
+def estimate(source: ModelFiles | Path, dtype: torch.dtype, width: int, height: int, batch: int, cfg_on: bool,
+             vae_tile: int | None = None, quantize: str = "none", quantize_text_encoder: str = "none") -> Needs:
+    """What a run needs, from the file headers and the transformer config of a folder or a run's ModelFiles."""
+    files = ModelFiles.of(source)
+    te, _ = weight_bytes(weights_header(files, "text_encoder"), dtype, quantize_text_encoder)
+    tr, block = weight_bytes(weights_header(files, "transformer"), dtype, quantize)
+    vae, _ = weight_bytes(weights_header(files, "vae"), torch.float32)
+    tcfg = component(files, "transformer").config
     rows = batch * (2 if cfg_on else 1)
     tokens = (height // 16) * (width // 16) + 512
     elem = torch.tensor([], dtype=dtype).element_size()
     denoise_work = rows * tokens * tcfg.dim * elem * 24  # a block's live activations, with SwiGLU's wide hidden
-    decode_work = batch * 128 * height * width * 4 * 6  # a few full-resolution 128-channel float32 maps
-    return Needs(te, tr, block, vae, denoise_work, decode_work)
+    return Needs(te, tr, block, vae, denoise_work, decode_work(batch, width, height, vae_tile))
 
 
 def available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
+    return host_available()
+
+
+def host_available() -> int:
+    """Bytes of host RAM available without swapping."""
     return psutil.virtual_memory().available
 
 
 def choose_offload(needs: Needs, device: torch.device, dtype: torch.dtype,
                    requested: str | None) -> tuple[str, str | None]:
-    """The offload mode to use and a note when it was chosen automatically. Raises UsageError when even the
-    leanest mode cannot fit, saying how much is needed and what helps."""
+    """The offload mode to use and a note when it was chosen automatically: the lightest mode (none, then model,
+    then sequential) whose GPU memory and host RAM both fit. Raises UsageError when even the leanest mode cannot
+    fit, saying how much is needed and what helps."""
     free = available_bytes(device)
     lighter = "--dtype bfloat16, " if dtype == torch.float32 else ""
     if device.type != "cuda":
@@ -144,18 +222,29 @@ def choose_offload(needs: Needs, device: torch.device, dtype: torch.dtype,
                              f"{human_bytes(free)} is free; use {lighter}a smaller --width/--height, "
                              "a smaller --batch-size, or a machine with more memory")
         return requested or "none", None
+    host = host_available()
     if requested:
         if needs.peak(requested) > free:
             raise UsageError(f"not enough GPU memory for --offload {requested}: about "
                              f"{human_bytes(needs.peak(requested))} needed, {human_bytes(free)} free; try "
                              f"{'--offload sequential, ' if requested != 'sequential' else ''}{lighter}"
                              "a smaller size or --batch-size 1")
+        if needs.host(requested) > host:
+            raise UsageError(host_message(needs, requested, host, lighter))
         return requested, None
     for mode in ("none", "model", "sequential"):
-        if needs.peak(mode) <= free:
+        if needs.peak(mode) <= free and needs.host(mode) <= host:
             note = None if mode == "none" else (
                 f"the models do not all fit in {human_bytes(free)} of free GPU memory; using --offload {mode}")
             return mode, note
+    if needs.peak("sequential") <= free:
+        raise UsageError(host_message(needs, "sequential", host, lighter))
     raise UsageError(f"not enough GPU memory: even --offload sequential needs about "
                      f"{human_bytes(needs.peak('sequential'))} and {human_bytes(free)} is free; use {lighter}"
                      "a smaller --width/--height, --batch-size 1, or --cpu")
+
+
+def host_message(needs: Needs, mode: str, host: int, lighter: str) -> str:
+    return (f"not enough host memory (RAM) for --offload {mode}: it keeps the weights in RAM, about "
+            f"{human_bytes(needs.host(mode))}, and {human_bytes(host)} is available; use {lighter}"
+            "a machine with more RAM, or close other programs")

@@ -1,4 +1,6 @@
-"""Decoded tensors to picture files: conversion, settings metadata, and atomic writes."""
+"""Decoded tensors to picture files: conversion, settings metadata, and atomic writes.
+
+numpy, PIL and torch are imported where used: planning a run (jobs.py) needs only FORMATS."""
 
 from __future__ import annotations
 
@@ -6,17 +8,16 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-from PIL import Image, PngImagePlugin
-from torch import Tensor
+from .errors import NonFiniteImage
+
+if TYPE_CHECKING:
+    from PIL import Image
+    from torch import Tensor
 
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 EXIF_USER_COMMENT = 0x9286
-
-
-class NonFiniteImage(ValueError):
-    """A decoded image holds NaN or Inf: written out it would be a black (or speckled) picture."""
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:
@@ -25,6 +26,9 @@ def to_pil(images: Tensor) -> list[Image.Image]:
     if not bool(images.isfinite().all()):
         raise NonFiniteImage("the decoded image holds NaN or Inf values (the VAE overflowed, or its weights do); "
                              "no image was written for this batch. Try --dtype float32, or download the VAE again")
+    import numpy as np
+    from PIL import Image
+
     x = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in x]
 
@@ -45,6 +49,8 @@ def save_image(image: Image.Image, path: Path, meta: dict, overwrite: bool) -> N
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (use --overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
+    from PIL import Image, PngImagePlugin
+
     fmt = FORMATS[path.suffix.lower()]
     kwargs: dict = {}
     if fmt == "PNG":
@@ -75,6 +81,8 @@ def save_image(image: Image.Image, path: Path, meta: dict, overwrite: bool) -> N
 
 def read_settings(path: Path) -> dict:
     """The `zimage` settings stored in a picture written by this tool."""
+    from PIL import Image
+
     with Image.open(path) as im:
         raw = im.info.get("zimage") if im.format == "PNG" else im.getexif().get(EXIF_USER_COMMENT)
     if not raw:

@@ -8,22 +8,21 @@ import os
 import re
 import string
 import sys
-from dataclasses import dataclass
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .errors import UsageError
 from .images import FORMATS
 from .inputs import INPUT_FIELDS, InputImageError, input_metadata, inputs_problem, picture_defaults
 
 MAX_SEED = 2**64 - 1
 DEFAULT_GUIDANCE_WITH_NEGATIVE = 5.0
 JSONL_FIELDS = {"prompt", "negative_prompt", "seed", "width", "height", "num_steps", "guidance_scale", "output",
-                "cfg_normalization", "cfg_truncation", "num_images", "init_image", "strength", "mask", "control_image",
-                "control_scale"}
+                "init_image", "strength", "mask", "control_image", "control_scale",
+                "cfg_normalization", "cfg_truncation", "num_images"}
 PLACEHOLDERS = {"index", "seed", "prompt"}
-
-
-class UsageError(Exception):
-    """Bad input found before any work: reported on one line, exit code 2."""
 
 
 class ItemError(Exception):
@@ -60,6 +59,7 @@ class Job:
     index: int
     origin: str
     model: str
+    write: bool = True  # False: its file is already made; it runs only to keep its batch as first planned
 
     @property
     def metadata(self) -> dict:
@@ -67,7 +67,9 @@ class Job:
         return {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "steps": s.num_steps,
                 "guidance": s.guidance_scale, "cfg_normalization": s.cfg_normalization,
                 "cfg_truncation": s.cfg_truncation, "seed": s.seed, "width": s.width, "height": s.height,
-                "model": Path(self.model).name, "model_path": self.model, **input_metadata(s)}
+                "model": Path(os.path.abspath(self.model)).name, "model_path": os.path.abspath(self.model),
+                "model_path_given": self.model,  # the absolute path re-runs from any folder; as typed, for the record
+                **input_metadata(s)}
 
 
 def round16(n: int, up: bool) -> int:
@@ -143,18 +145,34 @@ def check_template(template: str) -> None:
         raise UsageError(f"bad output template '{template}': {e}") from None
 
 
-def slug(prompt: str, limit: int = 40) -> str:
-    """A short filesystem-safe name for a prompt."""
-    s = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:limit].rstrip("-")
+# names Windows refuses whatever the extension (CON.png is the console)
+WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"{d}{n}" for d in ("com", "lpt") for n in "123456789¹²³")}
+
+
+def slug_char(c: str) -> str:
+    """`c` if it may stand in a file name on Linux, macOS and Windows, else '-'. Keeps letters, digits and
+    marks of every script and pictographs (emoji); drops punctuation, separators and control characters, which
+    include every character Windows reserves (<>:"/\\|?*)."""
+    cat = unicodedata.category(c)
+    keep = cat[0] in "LNM" or cat == "So" or (cat == "Sk" and not c.isascii()) or c == "\u200d"  # ZWJ joins emoji
+    return c if keep else "-"
+
+
+def slug(prompt: str, limit: int = 40, max_bytes: int = 120) -> str:
+    """A short name for a prompt that is safe as (part of) a file name on Linux, macOS and Windows: at most
+    `limit` characters and `max_bytes` UTF-8 bytes, never a name Windows reserves, 'image' when nothing is left."""
+    text = "".join(slug_char(c) for c in unicodedata.normalize("NFC", prompt).lower())
+    s = re.sub(r"-+", "-", text).strip("-")[:limit]
+    s = s.encode()[:max_bytes].decode(errors="ignore").rstrip("-\u200d")
+    if s in WINDOWS_RESERVED:
+        s += "_"
     return s or "image"
 
 
 def render_output(template: str, index: int, seed: int, prompt: str, numbered: bool) -> Path:
-    """The file for image `index`. Without placeholders and `numbered`, `-0000`... goes before the extension."""
-    if not template_fields(template) and numbered:
-        p = Path(template)
-        return p.with_name(f"{p.stem}-{index:04d}{p.suffix}")
-    return Path(template.format(index=index, seed=seed, prompt=slug(prompt)))
+    """The file for image `index`; when `numbered`, `-0000`... goes before the extension. A quoted ~ is expanded."""
+    path = Path(template.format(index=index, seed=seed, prompt=slug(prompt))).expanduser()
+    return path.with_name(f"{path.stem}-{index:04d}{path.suffix}") if numbered else path
 
 
 @dataclass(frozen=True)
@@ -164,58 +182,71 @@ class Item:
     fields: dict
     origin: str
     from_cli: bool = False  # given with --prompt: its problems are usage errors
+    line: int = 0  # its line in the prompts file, to report problems in line order
 
 
-def read_prompt_lines(text: str, name: str, jsonl: bool) -> tuple[list[Item], list[str]]:
+def jsonl_problem(line: str) -> tuple[dict, str | None]:
+    """The object on a JSONL line, and why it cannot be used (None when it can)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return {}, f"not valid JSON ({e.msg} at column {e.colno})"
+    if not isinstance(obj, dict):
+        return {}, "expected a JSON object with a \"prompt\""
+    if unknown := set(obj) - JSONL_FIELDS:
+        return obj, f"unknown field \"{sorted(unknown)[0]}\" (known: {', '.join(sorted(JSONL_FIELDS))})"
+    if not isinstance(obj.get("prompt"), str):
+        return obj, "\"prompt\" must be a string"
+    return obj, None
+
+
+def read_prompt_lines(text: str, name: str, jsonl: bool) -> tuple[list[Item], list[tuple[Item, str]]]:
     """Items from a prompts file: one prompt a line, or one JSON object a line for JSONL.
-    Returns the items and the errors of lines that were skipped."""
+    Returns the items and the lines that were skipped, with why."""
     items, errors = [], []
     for n, line in enumerate(text.splitlines(), start=1):
         origin = f"{name} line {n}"
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         if not jsonl:
-            items.append(Item({"prompt": line.strip()}, origin))
+            items.append(Item({"prompt": line.strip()}, origin, line=n))
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            errors.append(f"{origin}: not valid JSON ({e.msg} at column {e.colno})")
-            continue
-        if not isinstance(obj, dict):
-            errors.append(f"{origin}: expected a JSON object with a \"prompt\"")
-            continue
-        unknown = set(obj) - JSONL_FIELDS
-        if unknown:
-            errors.append(f"{origin}: unknown field \"{sorted(unknown)[0]}\" (known: {', '.join(sorted(JSONL_FIELDS))})")
-            continue
-        if not isinstance(obj.get("prompt"), str):
-            errors.append(f"{origin}: \"prompt\" must be a string")
-            continue
-        items.append(Item(obj, origin))
+        obj, problem = jsonl_problem(line)
+        if problem:
+            errors.append((Item({}, origin, line=n), f"{origin}: {problem}"))
+        else:
+            items.append(Item(obj, origin, line=n))
     return items, errors
 
 
-def read_prompts_file(path: str) -> tuple[list[Item], list[str]]:
+def looks_like_jsonl(text: str) -> bool:
+    """JSONL when the first line that is not blank or a # comment starts with '{' (as no plain prompt does)."""
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")), "")
+    return first.startswith("{")
+
+
+def read_prompts_file(path: str) -> tuple[list[Item], list[tuple[Item, str]]]:
+    """Items of a prompts file (`-`: stdin), read as JSONL when named .jsonl or when its content is JSONL."""
     if path == "-":
-        text = sys.stdin.read()
-        first = next((ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")), "")
-        return read_prompt_lines(text, "stdin", jsonl=first.startswith("{"))  # JSONL when it looks like it
-    p = Path(path)
+        text = sys.stdin.read().removeprefix("\ufeff")  # a byte-order mark is not part of the first prompt
+        return read_prompt_lines(text, "stdin", jsonl=looks_like_jsonl(text))
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UsageError(f"prompts file {p} is a folder; give a text or .jsonl file")
     if not p.is_file():
         raise UsageError(f"prompts file {p} not found")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # utf-8, dropping a byte-order mark that editors may write
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read prompts file {p}: {e}") from None
-    items, errors = read_prompt_lines(text, p.name, jsonl=p.suffix.lower() == ".jsonl")
+    items, errors = read_prompt_lines(text, p.name, jsonl=p.suffix.lower() == ".jsonl" or looks_like_jsonl(text))
     return [relative_to(item, p.parent) for item in items], errors
 
 
 def relative_to(item: Item, folder: Path) -> Item:
     """The item with its relative picture paths taken as relative to `folder` (the JSONL file's)."""
     fields = {k: str(folder / v) if k in INPUT_FIELDS and isinstance(v, str) else v for k, v in item.fields.items()}
-    return Item(fields, item.origin, item.from_cli)
+    return replace(item, fields=fields)
 
 
 TYPES = {"prompt": str, "negative_prompt": str, "seed": int, "width": int, "height": int, "num_steps": int,
@@ -245,10 +276,12 @@ class Plan:
 
 
 def plan_jobs(base: dict, items: list[Item], output: str, num_images: int, model: str, max_side: int,
-              guidance_given: bool, overwrite: bool, size_given: tuple[bool, bool] = (True, True)) -> Plan:
-    """Expand items into jobs: per-item fields over `base` settings, seeds `seed + k` with k counted over the run
-    (or within the item when it names its own seed), files from the output template. Problems of single items
-    become errors; the other items still run."""
+              guidance_given: bool, size_given: tuple[bool, bool] = (True, True)) -> Plan:
+    """Expand items into jobs: per-item fields over `base` settings. Images are indexed in input order,
+    counting only those whose settings can run (bad lines leave no gap); image `index` gets seed
+    `seed + index` (`seed + k` within an item that names its own seed) and its file from the output template,
+    numbered when the template alone does not give every image its own name. Problems of single items become
+    errors, in input order; the other items still run. Existing files are not looked at here (resume.triage)."""
     check_template(output)
     errors: list[tuple[Item, str]] = []
     expanded: list[tuple[Item, dict, str | None, int]] = []
@@ -266,33 +299,40 @@ def plan_jobs(base: dict, items: list[Item], output: str, num_images: int, model
             continue
         expanded += [(item, fields, item_output, k) for k in range(count)]
 
-    jobs: list[Job] = []
-    seen: dict[Path, str] = {}
-    for index, (item, fields, item_output, k) in enumerate(expanded):
+    named: list[tuple[Item, Settings, str, int]] = []
+    for item, fields, item_output, k in expanded:
         merged = {**base, **fields}
         if not guidance_given and "guidance_scale" not in fields:
             merged["guidance_scale"] = DEFAULT_GUIDANCE_WITH_NEGATIVE if merged["negative_prompt"] else 0.0
-        if 0 <= merged["seed"] <= MAX_SEED:
-            merged["seed"] = (merged["seed"] + (k if "seed" in fields else index)) % (MAX_SEED + 1)
         try:
             merged = picture_defaults(merged, fields, size_given)
         except InputImageError as e:
             errors.append((item, f"{item.origin}: {e}"))
             continue
-        settings = Settings(**merged)
-        path = render_output(item_output or output, index, settings.seed, settings.prompt,
-                             len(expanded) > 1 and item_output is None)
-        problem = settings_problem(settings, max_side) or inputs_problem(settings) or output_problem(path)
+        if problem := settings_problem(Settings(**merged), max_side) or inputs_problem(Settings(**merged)):
+            errors.append((item, f"{item.origin}: {problem}"))
+            continue
+        index = len(named)
+        merged["seed"] = (merged["seed"] + (k if "seed" in fields else index)) % (MAX_SEED + 1)
+        named.append((item, Settings(**merged), item_output or output, index))
+
+    plain = Counter((t, render_output(t, i, s.seed, s.prompt, False)) for _, s, t, i in named)
+    numbered = {t for (t, _), n in plain.items() if n > 1}  # templates that give two images one name
+    if not template_fields(output) and len(expanded) > 1:
+        numbered.add(output)  # a plain name shared by the run: numbered even where it is used once
+    jobs: list[Job] = []
+    seen: dict[Path, str] = {}
+    for item, settings, template, index in named:
+        path = render_output(template, index, settings.seed, settings.prompt, template in numbered)
+        problem = output_problem(path)
         if not problem and path in seen:
             problem = f"output {path} is also the output of {seen[path]}"
-        if not problem and path.exists() and not overwrite:
-            problem = f"{path} exists (use --overwrite to replace it)"
         if problem:
             errors.append((item, f"{item.origin}: {problem}"))
             continue
         seen[path] = item.origin
         jobs.append(Job(settings, path, index, item.origin, model))
-    return Plan(jobs, errors)
+    return Plan(jobs, sorted(errors, key=lambda e: e[0].line))
 
 
 def settings_from(meta: dict) -> dict:

@@ -16,16 +16,19 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from .errors import OutOfMemory
 from .images import save_image, to_pil
 from .jobs import Job
 from .devices import tune_allocator
+from .modelfiles import ModelFiles, component, scheduler_config
+from .compiling import compile_blocks, uncompile
 from .offload import BlockStreamer, empty_cache
 from .picture import blender, control_latents, latent_mask, start_latents
-from .scheduler import Guidance, SchedulerConfig, denoise, first_step, get_noise, get_sigmas, model_times
+from .scheduler import Guidance, denoise, first_step, get_noise, get_sigmas, model_times
 from .text_encoder import TextEncoder
-from .transformer import TransformerConfig, ZImageTransformer
+from .transformer import ZImageTransformer
 from .vae import AutoencoderKL, VAEConfig
-from .weights import WEIGHT_STEMS, load_weights
+from .weights import expected_shapes, load_pieces, match_pieces
 
 log = logging.getLogger("zimage")
 
@@ -50,10 +53,6 @@ def interrupts_held():
         raise KeyboardInterrupt
 
 
-class OutOfMemory(RuntimeError):
-    """The device ran out of memory; the message says what was being made."""
-
-
 @dataclass(frozen=True)
 class Options:
     model_path: Path
@@ -65,6 +64,13 @@ class Options:
     vae_dtype: torch.dtype | None = None  # None: float32 when the VAE config asks to upcast, else `dtype`
     progress: bool = True
     overwrite: bool = False
+    files: ModelFiles | None = None  # where each component comes from; None: everything from model_path
+    quantize: str = "none"  # transformer weights: none, int8 or fp8 (quant.QUANTIZE)
+    quantize_text_encoder: str = "none"
+
+    @property
+    def sources(self) -> ModelFiles:
+        return self.files or ModelFiles(folder=self.model_path)
 
 
 @dataclass
@@ -78,23 +84,34 @@ class Timings:
     pictures: float = 0.0  # VAE encoding of init, mask-area and control images
 
 
-def load_transformer(model_path: Path, device: torch.device, dtype: torch.dtype) -> ZImageTransformer:
-    folder = model_path / "transformer"
+def load_transformer(source: ModelFiles | Path, device: torch.device, dtype: torch.dtype,
+                     quantize: str = "none") -> ZImageTransformer:
+    """The transformer from a checkpoint folder or the ModelFiles of a run (a single file in any layout, a GGUF
+    file kept quantized), its linear weights quantized to `quantize` (int8, fp8) while loading unless none."""
+    comp = component(ModelFiles.of(source), "transformer")
     with torch.device("meta"):
-        model = ZImageTransformer(TransformerConfig.from_json(folder / "config.json"))
-    return load_weights(model, folder, WEIGHT_STEMS["transformer"], dtype, device)
+        model = ZImageTransformer(comp.config)
+    match_pieces(comp.header, expected_shapes(model), comp.pieces, comp.configured_by, comp.where)
+    if quantize == "none" and comp.where.suffix.lower() != ".gguf":
+        return load_pieces(model, comp.header, comp.pieces, dtype, device)
+    from .quant import describe, load_weights_of
+
+    model = load_weights_of(model, comp, dtype, device, quantize)
+    log.info("transformer: %s", describe(model))
+    return model
 
 
-def load_vae(model_path: Path, device: torch.device, dtype: torch.dtype | None = None,
+def load_vae(source: ModelFiles | Path, device: torch.device, dtype: torch.dtype | None = None,
              run_dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     """The VAE in `dtype`; by default in float32 when its config's force_upcast asks (the published one does),
     else in the run's dtype."""
-    folder = model_path / "vae"
-    cfg = VAEConfig.from_json(folder / "config.json")
+    comp = component(ModelFiles.of(source), "vae")
+    cfg: VAEConfig = comp.config
     with torch.device("meta"):
         model = AutoencoderKL(cfg)
+    match_pieces(comp.header, expected_shapes(model), comp.pieces, comp.configured_by, comp.where)
     dtype = dtype or (torch.float32 if cfg.force_upcast else run_dtype)
-    model = load_weights(model, folder, WEIGHT_STEMS["vae"], dtype, device)
+    model = load_pieces(model, comp.header, comp.pieces, dtype, device)
     if device.type != "mps":
         model.to(memory_format=torch.channels_last)  # oneDNN and cuDNN convolutions run faster on NHWC
     return model
@@ -130,7 +147,7 @@ class Pipeline:
     def __init__(self, opts: Options):
         tune_allocator()
         self.opts = opts
-        self.scheduler = SchedulerConfig.from_json(opts.model_path / "scheduler" / "scheduler_config.json")
+        self.scheduler = scheduler_config(opts.sources)
         self.timings = Timings()
         self.transformer: ZImageTransformer | None = None
         self.vae: AutoencoderKL | None = None
@@ -153,34 +170,44 @@ class Pipeline:
         unique = list(dict.fromkeys(prompts))
         t0 = time.perf_counter()
         streamed = self.opts.offload == "sequential"
-        encoder = TextEncoder.load(self.opts.model_path, self.storage_device if streamed else self.compute_device,
-                                   self.opts.dtype)
-        if streamed:
-            BlockStreamer(encoder.model, list(encoder.model.layers), self.compute_device)
+        encoder = TextEncoder.load(self.opts.sources, self.storage_device if streamed else self.compute_device,
+                                   self.opts.dtype, self.opts.quantize_text_encoder)
+        streamer = BlockStreamer(encoder.model, list(encoder.model.layers), self.compute_device) if streamed else None
         self.timings.load += time.perf_counter() - t0
         log.info("text encoder loaded in %.1fs", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        feats = dict(zip(unique, encoder.encode(unique)))
+        try:
+            # one prompt at a time: batched with padding, a prompt's features would depend (in the last bits) on
+            # the other prompts of the run, and a resumed or split run would not remake its images exactly
+            feats = dict(zip(unique, encoder.encode(unique, batch_size=1)))
+        finally:
+            if streamer is not None:
+                streamer.remove()  # its hooks and the layers form a cycle that would keep the pinned weights
+            released = [weakref.ref(encoder.model)]
+            del encoder, streamer
+            free_memory(released, self.compute_device)
         self.timings.encode += time.perf_counter() - t0
-        released = [weakref.ref(encoder.model)]
-        del encoder
-        free_memory(released, self.compute_device)
         return feats
 
     def load_denoiser(self) -> None:
         t0 = time.perf_counter()
-        self.transformer = load_transformer(self.opts.model_path, self.storage_device, self.opts.dtype)
+        self.transformer = load_transformer(self.opts.sources, self.storage_device, self.opts.dtype,
+                                            self.opts.quantize)
         if self.opts.offload == "sequential":
             t = self.transformer
-            self.streamer = BlockStreamer(t, [*t.noise_refiner, *t.context_refiner, *t.layers], self.compute_device)
+            self.streamer = BlockStreamer(t, self.blocks, self.compute_device)
         if self.opts.compile:
-            for block in [*self.transformer.noise_refiner, *self.transformer.context_refiner, *self.transformer.layers]:
-                block.compile(dynamic=False)
-        self.vae = load_vae(self.opts.model_path, self.storage_device, self.opts.vae_dtype, self.opts.dtype)
+            compile_blocks(self.blocks)
+        self.vae = load_vae(self.opts.sources, self.storage_device, self.opts.vae_dtype, self.opts.dtype)
         if self.controlnet_path:
             self.load_controlnet()
         self.timings.load += time.perf_counter() - t0
         log.info("transformer and VAE loaded in %.1fs", time.perf_counter() - t0)
+
+    @property
+    def blocks(self) -> list[torch.nn.Module]:
+        t = self.transformer
+        return [*t.noise_refiner, *t.context_refiner, *t.layers] if t is not None else []
 
     def load_controlnet(self) -> None:
         from .controlnet import load_controlnet
@@ -191,10 +218,12 @@ class Pipeline:
             self.controlnet_streamer = BlockStreamer(self.controlnet, self.controlnet.blocks, self.compute_device)
 
     def release_transformer(self) -> None:
+        # hooks and compiled forwards hold their blocks in cycles: undo both, so reference counting frees them
         for streamer in (self.streamer, self.controlnet_streamer):
             if streamer is not None:
                 streamer.remove()
-        released = [weakref.ref(m) for m in (self.transformer, self.controlnet) if m is not None]
+        uncompile(self.blocks)
+        released = [weakref.ref(m) for m in [self.transformer, self.controlnet, *self.blocks] if m is not None]
         self.transformer = self.streamer = self.controlnet = self.controlnet_streamer = None
         free_memory(released, self.compute_device)
 
@@ -324,6 +353,8 @@ class Pipeline:
                 images = to_pil(self.decode(latents))
                 seconds = (time.perf_counter() - t0) / len(batch)
                 for job, image in zip(batch, images):
+                    if not job.write:  # made only so that its batch is the one first planned
+                        continue
                     with interrupts_held():  # a file on disk is always a file reported, even on Ctrl-C
                         try:
                             save_image(image, job.output, job.metadata, self.opts.overwrite)

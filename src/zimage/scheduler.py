@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .errors import NonFiniteLatents
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -27,7 +29,10 @@ class SchedulerConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "SchedulerConfig":
-        raw = json.loads(Path(path).read_text())
+        return cls.from_dict(json.loads(Path(path).read_text()), str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, path: str = "scheduler config") -> "SchedulerConfig":
         for unsupported in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
                             "stochastic_sampling", "shift_terminal"):
             if raw.get(unsupported):
@@ -118,12 +123,6 @@ def guide(pos: Tensor, neg: Tensor, scale: float, normalization: float) -> Tenso
         limit = pos_norm * normalization
         pred = torch.where(new_norm > limit, pred * (limit / new_norm), pred)
     return pred
-
-
-class NonFiniteLatents(RuntimeError):
-    def __init__(self, step: int):
-        super().__init__(f"the latents became NaN or Inf at step {step + 1}")
-        self.step = step
 
 
 ModelFn = Callable[[Tensor, Tensor, list[Tensor]], Tensor]

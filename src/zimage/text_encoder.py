@@ -2,46 +2,34 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoTokenizer, Qwen3Model
+from transformers import AutoTokenizer, Qwen3Model
 
-from .weights import WEIGHT_STEMS, load_weights
+from .modelfiles import ModelFiles, component
+from .weights import expected_shapes, load_pieces, match_pieces
 
 log = logging.getLogger("zimage")
 
 MAX_TOKENS = 512  # the reference's max_sequence_length
 
 
-def encoder_config(folder: Path):
+def encoder_config(full):
     """The Qwen3 config cut to the layers whose output Z-Image uses.
 
     Z-Image reads hidden_states[-2], the output of the second-to-last layer before the final norm, so the last
     layer and the norm are never run and never loaded.
     """
-    cfg = AutoConfig.from_pretrained(str(folder))
+    cfg = copy.deepcopy(full)
     cfg.num_hidden_layers -= 1
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = cfg.layer_types[: cfg.num_hidden_layers]
     cfg._attn_implementation = "sdpa"
     return cfg
-
-
-def checkpoint_key(n_layers_used: int):
-    """Rename published keys (under `model.` for Qwen3ForCausalLM, or bare) to Qwen3Model keys; skip unused ones."""
-
-    def rename(name: str) -> str | None:
-        key = name.removeprefix("model.")
-        if key.startswith("lm_head.") or key.startswith("norm."):
-            return None
-        if key.startswith("layers.") and int(key.split(".")[1]) >= n_layers_used:
-            return None
-        return key
-
-    return rename
 
 
 class TextEncoder:
@@ -53,16 +41,30 @@ class TextEncoder:
         self.max_tokens = max_tokens
 
     @classmethod
-    def load(cls, model_path: Path, device: torch.device, dtype: torch.dtype) -> "TextEncoder":
-        folder = model_path / "text_encoder"
-        cfg = encoder_config(folder)
+    def load(cls, source: ModelFiles | Path, device: torch.device, dtype: torch.dtype,
+             quantize: str = "none") -> "TextEncoder":
+        """Qwen3 from a checkpoint folder or the ModelFiles of a run (a single file with or without `model.`, a
+        llama.cpp GGUF kept quantized), with the tokenizer of the folder or of `--tokenizer`; its linear weights
+        quantized to `quantize` (int8, fp8) while loading unless none."""
+        files = ModelFiles.of(source)
+        comp = component(files, "text_encoder")
+        with torch.device("meta"):  # the whole model's shapes are checked, the last layer included
+            match_pieces(comp.header, expected_shapes(Qwen3Model(comp.config)), comp.pieces, comp.configured_by,
+                         comp.where)
+        cfg = encoder_config(comp.config)
         with torch.device("meta"):
             model = Qwen3Model(cfg)
         model.norm = nn.Identity()
-        load_weights(model, folder, WEIGHT_STEMS["text_encoder"], dtype, device,
-                     checkpoint_key(cfg.num_hidden_layers))
+        used = expected_shapes(model)
+        if quantize == "none" and comp.where.suffix.lower() != ".gguf":
+            load_pieces(model, comp.header, {k: p for k, p in comp.pieces.items() if k in used}, dtype, device)
+        else:
+            from .quant import describe, load_weights_of
+
+            load_weights_of(model, comp, dtype, device, quantize)
+            log.info("text encoder: %s", describe(model))
         model.rotary_emb = type(model.rotary_emb)(config=cfg).to(device)  # its buffers were left on meta
-        tokenizer = AutoTokenizer.from_pretrained(str(model_path / "tokenizer"))
+        tokenizer = AutoTokenizer.from_pretrained(str(files.tokenizer_dir()))
         return cls(model, tokenizer)
 
     @property

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .rope import Rope, RopeTables, apply_rope
+
 SEQ_MULTIPLE = 32  # every token group is padded to a multiple of this with a learned pad token
 ADALN_DIM = 256  # width of the timestep embedding that drives adaLN (capped at dim)
 T_EMBED_HIDDEN = 1024  # hidden width of the timestep MLP in the published architecture
@@ -33,10 +35,15 @@ class Linear(nn.Linear):
     take the usual path."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if (ONEDNN_LINEAR and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """F.linear, through oneDNN for float32 on the CPU (see Linear); quantized linears share it."""
+    if (ONEDNN_LINEAR and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,10 @@ class TransformerConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TransformerConfig":
-        raw = json.loads(Path(path).read_text())
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "TransformerConfig":
         known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
         for key in ("all_patch_size", "all_f_patch_size", "axes_dims", "axes_lens"):
             if key in known:
@@ -117,13 +127,6 @@ class RMSNorm(nn.Module):
         return x * self.weight
 
 
-def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of x (B, H, S, D) as complex numbers by unit complex `freqs`
-    (B, 1, S, D/2), in float32: one complex multiply instead of a chain of real ops over the tensor."""
-    out = torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * freqs)
-    return out.flatten(-2).type_as(x)
-
-
 class Attention(nn.Module):
     def __init__(self, dim: int, n_heads: int, eps: float, qk_norm: bool):
         super().__init__()
@@ -136,7 +139,7 @@ class Attention(nn.Module):
         self.norm_q = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, rope: Rope, mask: Tensor | None) -> Tensor:
         q, k, v = (proj(x).unflatten(-1, (self.n_heads, -1)) for proj in (self.to_q, self.to_k, self.to_v))
         q, k = self.norm_q(q), self.norm_k(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -172,7 +175,7 @@ class TransformerBlock(nn.Module):
         if modulation:
             self.adaLN_modulation = nn.Sequential(Linear(min(dim, ADALN_DIM), 4 * dim, bias=True))
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, t_emb: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: Rope, mask: Tensor | None, t_emb: Tensor | None = None) -> Tensor:
         if not self.modulation:
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
@@ -193,7 +196,7 @@ class TimestepEmbedder(nn.Module):
         freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t[:, None].float() * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+        return self.mlp(emb.to(self.mlp[0].bias.dtype))  # the bias: a quantized weight is stored as int8/bytes
 
 
 class FinalLayer(nn.Module):
@@ -206,28 +209,6 @@ class FinalLayer(nn.Module):
     def forward(self, x: Tensor, t_emb: Tensor) -> Tensor:
         scale = 1.0 + self.adaLN_modulation(t_emb).unsqueeze(1)
         return self.linear(self.norm_final(x) * scale)
-
-
-class RopeTables:
-    """Per-axis tables of the 3D RoPE's unit complex rotations, built once per device, indexed by position ids."""
-
-    def __init__(self, cfg: TransformerConfig):
-        self.cfg = cfg
-        self._tables: dict[torch.device, list[Tensor]] = {}
-
-    def _build(self, device: torch.device) -> list[Tensor]:
-        tables = []
-        for d, n in zip(self.cfg.axes_dims, self.cfg.axes_lens):
-            freqs = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-            angles = torch.outer(torch.arange(n, dtype=torch.float64), freqs).float()
-            tables.append(torch.polar(torch.ones_like(angles), angles).to(device))
-        return tables
-
-    def __call__(self, ids: Tensor) -> Tensor:
-        """Complex rotations of shape (*ids.shape[:-1], head_dim/2) for integer position ids (..., 3)."""
-        if ids.device not in self._tables:
-            self._tables[ids.device] = self._build(ids.device)
-        return torch.cat([table[ids[..., i]] for i, table in enumerate(self._tables[ids.device])], dim=-1)
 
 
 def padded_len(n: int) -> int:
@@ -292,7 +273,7 @@ class ZImageTransformer(nn.Module):
         self.x_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
         self.cap_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
         self.layers = nn.ModuleList([TransformerBlock(cfg, True) for _ in range(cfg.n_layers)])
-        self.rope = RopeTables(cfg)
+        self.rope = RopeTables(cfg.rope_theta, cfg.axes_dims, cfg.axes_lens)
         self._rope_cache: dict[tuple, tuple] = {}
 
     def rope_for(self, cap_lens: list[int], cap_total: int, gh: int, gw: int, device: torch.device) -> tuple:
@@ -304,7 +285,7 @@ class ZImageTransformer(nn.Module):
                 self._rope_cache.pop(next(iter(self._rope_cache)))
             img = self.rope(torch.stack([image_position_ids(n, gh, gw, device) for n in cap_lens])[:, None])
             cap = self.rope(caption_position_ids(cap_total, device)[None, None])
-            joint = torch.cat([img, cap.expand(len(img), -1, -1, -1)], dim=2)
+            joint = img.cat(cap.expand(len(img.cos), -1, -1, -1), dim=2)
             self._rope_cache[key] = (img, cap, joint)
         return self._rope_cache[key]
 

@@ -33,7 +33,10 @@ class VAEConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "VAEConfig":
-        raw = json.loads(Path(path).read_text())
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "VAEConfig":
         known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
         if "block_out_channels" in known:
             known["block_out_channels"] = tuple(known["block_out_channels"])
@@ -60,7 +63,8 @@ class GroupNorm(nn.GroupNorm):
 
     It normalizes with `fixed` statistics when they are set, else with its input's own. While `owned` is set (the
     part of the current tile that no other tile owns, as fractions of the tile's height and width), it also adds
-    the per-group sums of that part of its input to `totals`, from which `fix` makes the next statistics.
+    the float32 moments of that part of its input (per group: mean, sum of squared deviations, count) into `totals`,
+    from which `fix` makes the next statistics.
     """
 
     def __init__(self, groups: int, channels: int, eps: float):
@@ -84,20 +88,34 @@ class GroupNorm(nn.GroupNorm):
         h, w = x.shape[-2:]
         y0, y1, x0, x1 = self.owned
         part = x[..., round(y0 * h) : round(y1 * h), round(x0 * w) : round(x1 * w)]
+        if part.numel() == 0:
+            return
         g = part.float().reshape(x.shape[0], self.num_groups, -1)
-        s, sq, n = g.sum(-1, dtype=torch.float64), g.double().pow(2).sum(-1), g.shape[-1]
-        self.totals = (s, sq, n) if self.totals is None else (self.totals[0] + s, self.totals[1] + sq,
-                                                               self.totals[2] + n)
+        var, mean = torch.var_mean(g, dim=-1, correction=0)
+        self.totals = merge_moments(self.totals, (mean, var * g.shape[-1], g.shape[-1]))
 
     def fix(self) -> None:
         """Normalize from now on with the mean and variance of everything accumulated, and start afresh."""
-        s, sq, n = self.totals
-        mean = s / n
-        self.fixed = (mean.float(), (sq / n - mean**2).clamp_min(0).float())
+        mean, m2, n = self.totals
+        self.fixed = (mean, (m2 / n).clamp_min(0))
         self.totals = None
 
     def reset(self) -> None:
         self.owned, self.totals, self.fixed = None, None, None
+
+
+def merge_moments(a: tuple[Tensor, Tensor, int] | None, b: tuple[Tensor, Tensor, int]) -> tuple[Tensor, Tensor, int]:
+    """Combine (mean, sum of squared deviations, count) of two parts (Chan et al.'s parallel update).
+
+    Stable in float32, unlike sums of squares (which cancel catastrophically when the mean is large against the
+    spread); MPS has no float64, so the statistics cannot simply be summed in double precision.
+    """
+    if a is None:
+        return b
+    (mean_a, m2_a, n_a), (mean_b, m2_b, n_b) = a, b
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    return mean_a + delta * (n_b / n), m2_a + m2_b + delta.square() * (n_a * n_b / n), n
 
 
 def group_norm(cfg: VAEConfig, channels: int) -> GroupNorm:

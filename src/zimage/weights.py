@@ -12,9 +12,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-T = TypeVar("T")
+from .errors import MissingFileError, WeightsError  # noqa: F401  (defined without torch for the CLI)
+from .layout import DOWNLOAD_HINT  # noqa: F401
 
-DOWNLOAD_HINT = "huggingface-cli download Tongyi-MAI/Z-Image-Turbo --local-dir weights/Z-Image-Turbo"
+T = TypeVar("T")
 
 # component folder -> safetensors file stem, as published
 WEIGHT_STEMS = {"transformer": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
@@ -24,14 +25,6 @@ TOKENIZER_FILES = ("tokenizer_config.json",)
 
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-class WeightsError(Exception):
-    """A checkpoint file or tensor is missing, damaged, or does not fit the model."""
-
-
-class MissingFileError(WeightsError):
-    """A file the published layout requires is absent."""
 
 
 def human_bytes(n: int) -> str:
@@ -64,10 +57,24 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def require_tokenizer(folder: Path) -> None:
+    """Fail with MissingFileError unless the tokenizer can be built: its config, and `tokenizer.json` or the
+    `vocab.json` + `merges.txt` pair it can be rebuilt from."""
+    for fname in TOKENIZER_FILES:
+        read_json(folder / fname)
+    if (folder / "tokenizer.json").is_file():
+        return
+    if (folder / "vocab.json").is_file() and not (folder / "merges.txt").is_file():
+        raise MissingFileError(f"missing {folder / 'tokenizer.json'} (or {folder / 'merges.txt'} beside vocab.json)")
+    if not (folder / "vocab.json").is_file():
+        raise MissingFileError(f"missing {folder / 'tokenizer.json'}")
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
+    stored: int | None = None  # bytes as stored, for block-quantized types (GGUF) whose dtype has no item size
 
     @property
     def numel(self) -> int:
@@ -78,7 +85,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * DTYPE_SIZES.get(self.dtype, 4)
+        return self.stored if self.stored is not None else self.numel * DTYPE_SIZES.get(self.dtype, 4)
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -117,6 +124,17 @@ def weight_files(folder: Path, stem: str) -> dict[str, Path]:
     raise MissingFileError(f"missing {single} (or {index.name} with its shards) in {folder}")
 
 
+def find_gguf(folder: Path, stem: str) -> Path | None:
+    """The GGUF file standing in for a component's safetensors (`{stem}.safetensors` and its index absent), or None.
+    More than one is ambiguous and raises WeightsError."""
+    if (folder / f"{stem}.safetensors").is_file() or (folder / f"{stem}.safetensors.index.json").is_file():
+        return None
+    found = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
+    if len(found) > 1:
+        raise WeightsError(f"{folder} holds {len(found)} GGUF files ({', '.join(p.name for p in found)}); keep one")
+    return found[0] if found else None
+
+
 def checkpoint_header(folder: Path, stem: str) -> dict[str, tuple[Path, TensorInfo]]:
     """Every tensor of a component with its file, dtype and shape, checking that the index and the files agree."""
     files = weight_files(folder, stem)
@@ -134,6 +152,48 @@ def expected_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Where one module tensor comes from: tensor `name` of a checkpoint, or the `part`-th of `parts` equal slices
+    of it along dim 0 (a fused q/k/v weight); `squeeze` drops trailing 1x1 dimensions (a 1x1 convolution kernel
+    stored for a linear weight)."""
+
+    name: str
+    part: int = 0
+    parts: int = 1
+    squeeze: bool = False
+
+    def source_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape the checkpoint tensor must have for this piece to have `shape`."""
+        if self.parts > 1:
+            shape = (shape[0] * self.parts, *shape[1:])
+        return (*shape, 1, 1) if self.squeeze else shape
+
+
+def match_pieces(
+    header: dict[str, tuple[Path, TensorInfo]],
+    expected: dict[str, tuple[int, ...]],
+    pieces: dict[str, Piece],
+    configured_by: str,
+    where: Path,
+) -> None:
+    """Check that `pieces` (module key -> piece of a checkpoint tensor) fill exactly the `expected` module tensors
+    with the right shapes, failing with the first unexpected, misshapen or missing tensor."""
+    for key, piece in pieces.items():
+        path, info = header[piece.name]
+        if key not in expected:
+            raise WeightsError(f"{path.name}: unexpected tensor '{piece.name}' (not part of the model configured by "
+                               f"{configured_by})")
+        want = piece.source_shape(expected[key])
+        if info.shape != want:
+            raise WeightsError(f"{path.name}: tensor '{piece.name}' has shape {list(info.shape)}, "
+                               f"expected {list(want)} from {configured_by}")
+    missing = [k for k in expected if k not in pieces]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise WeightsError(f"{where}: tensor '{missing[0]}'{more} missing from the checkpoint")
+
+
 def match_keys(
     header: dict[str, tuple[Path, TensorInfo]],
     expected: dict[str, tuple[int, ...]],
@@ -141,23 +201,9 @@ def match_keys(
     where: Path,
 ) -> dict[str, str]:
     """Map module key -> checkpoint key, failing with the first missing, unexpected or misshapen tensor."""
-    mapping: dict[str, str] = {}
-    for name, (path, info) in header.items():
-        key = rename(name)
-        if key is None:
-            continue
-        if key not in expected:
-            raise WeightsError(f"{path.name}: unexpected tensor '{name}' (not part of the model configured by "
-                               f"{where / 'config.json'})")
-        if info.shape != expected[key]:
-            raise WeightsError(f"{path.name}: tensor '{name}' has shape {list(info.shape)}, "
-                               f"expected {list(expected[key])} from {where / 'config.json'}")
-        mapping[key] = name
-    missing = [k for k in expected if k not in mapping]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise WeightsError(f"{where}: tensor '{missing[0]}'{more} missing from the checkpoint")
-    return mapping
+    pieces = {key: Piece(name) for name in header if (key := rename(name)) is not None}
+    match_pieces(header, expected, pieces, str(where / "config.json"), where)
+    return {key: p.name for key, p in pieces.items()}
 
 
 READ_GROUP_BYTES = 512 * 2**20
@@ -181,6 +227,20 @@ def read_groups(header: dict[str, tuple[Path, TensorInfo]], mapping: dict[str, s
     return groups
 
 
+def read_weights(
+    module: nn.Module,
+    folder: Path,
+    stem: str,
+    convert: Callable[[str, torch.Tensor], object],
+    rename: Callable[[str], str | None] = lambda k: k,
+) -> dict[str, object]:
+    """Every tensor of a component folder matched to `module`'s keys and passed through `convert(key, tensor)`
+    as soon as it is read, so that only converted tensors (cast, quantized) are ever held together."""
+    header = checkpoint_header(folder, stem)
+    mapping = match_keys(header, expected_shapes(module), rename, folder)
+    return read_pieces(header, {key: Piece(name) for key, name in mapping.items()}, convert)
+
+
 def load_weights(
     module: nn.Module,
     folder: Path,
@@ -196,18 +256,55 @@ def load_weights(
     """
     header = checkpoint_header(folder, stem)
     mapping = match_keys(header, expected_shapes(module), rename, folder)
-    state: dict[str, torch.Tensor] = {}
-    for path, keys in read_groups(header, mapping):
+    return load_pieces(module, header, {key: Piece(name) for key, name in mapping.items()}, dtype, device)
+
+
+def read_piece(f, piece: Piece) -> torch.Tensor:
+    """The piece's tensor from an open safetensors file, reading only its rows when it is a slice."""
+    if piece.parts == 1:
+        t = f.get_tensor(piece.name)
+    else:
+        sl = f.get_slice(piece.name)
+        rows = sl.get_shape()[0] // piece.parts
+        t = sl[piece.part * rows : (piece.part + 1) * rows]
+    return t.reshape(t.shape[:-2]) if piece.squeeze else t
+
+
+def read_pieces(
+    header: dict[str, tuple[Path, TensorInfo]],
+    pieces: dict[str, Piece],
+    convert: Callable[[str, torch.Tensor], object],
+) -> dict[str, object]:
+    """Checked `pieces` (see match_pieces) read one tensor at a time, each passed through `convert(key, tensor)`
+    before the next is read."""
+    state: dict[str, object] = {}
+    for path, keys in read_groups(header, {key: p.name for key, p in pieces.items()}):
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in keys:
-                    t = f.get_tensor(mapping[key])
-                    state[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                    t = read_piece(f, pieces[key])
+                    state[key] = convert(key, t)
                     del t
         except Exception as e:
-            if isinstance(e, (torch.OutOfMemoryError, KeyboardInterrupt)):
+            if isinstance(e, (torch.OutOfMemoryError, KeyboardInterrupt, WeightsError)):
                 raise
             raise WeightsError(f"{path} could not be read ({e}); download it again") from None
+    return state
+
+
+def load_pieces(
+    module: nn.Module,
+    header: dict[str, tuple[Path, TensorInfo]],
+    pieces: dict[str, Piece],
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """Fill a module built on the meta device with checked `pieces` (see match_pieces), one tensor at a time,
+    each converted straight to `dtype` on `device`."""
+    def convert(key: str, t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    state = read_pieces(header, pieces, convert)
     module.load_state_dict(state, strict=True, assign=True)
     return module.requires_grad_(False).eval()
 

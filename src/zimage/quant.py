@@ -1,0 +1,260 @@
+"""Quantized linear weights: held quantized in memory, turned into the compute dtype one layer at a time.
+
+A model is built as usual; at load, each `nn.Linear` whose weight arrives quantized (from a GGUF file, or quantized
+here tensor by tensor from a bfloat16/float32 checkpoint) is swapped for a `QuantLinear` under the same name, so
+parameter names stay the checkpoint's keys and the model code never learns about formats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from gguf import GGMLQuantizationType as Q
+from torch import Tensor, nn
+
+from .gguf import by_pieces, dequantize, read_gguf
+from .transformer import linear
+from .weights import (Piece, TensorInfo, WeightsError, expected_shapes, human_bytes, load_pieces,
+                      read_pieces)
+
+QUANTIZE = ("none", "int8", "fp8")
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+INT8_MAX = 127.0
+
+
+@dataclass(frozen=True)
+class QWeight:
+    """A quantized (out, in) weight: `fmt` is int8 or fp8 (with one float32 `scale` per output row) or a ggml type
+    name (scales inside the blocks, `data` raw bytes)."""
+
+    fmt: str
+    shape: tuple[int, int]
+    data: Tensor
+    scale: Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        extra = self.scale.numel() * 4 if self.scale is not None else 0
+        return self.data.numel() * self.data.element_size() + extra
+
+    def chunk(self, n: int) -> list["QWeight"]:
+        """Split along the output rows (a fused qkv into q, k, v), scales with their rows."""
+        rows = self.shape[0] // n
+        scales = self.scale.chunk(n) if self.scale is not None else [None] * n
+        return [QWeight(self.fmt, (rows, self.shape[1]), d, sc) for d, sc in zip(self.data.chunk(n), scales)]
+
+
+class QuantLinear(nn.Module):
+    """A Linear whose weight stays quantized; each call makes the weight (or, for int8/fp8, the product) in the
+    input's dtype, so only one layer's full-precision weight exists at a time."""
+
+    def __init__(self, w: QWeight, bias: Tensor | None):
+        super().__init__()
+        self.fmt, self.out_features, self.in_features = w.fmt, *w.shape
+        self.qtype = None if w.fmt in ("int8", "fp8") else Q[w.fmt]
+        self.weight = nn.Parameter(w.data, requires_grad=False)
+        self.weight_scale = nn.Parameter(w.scale, requires_grad=False) if w.scale is not None else None
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    # int8/fp8 run as cast + the usual product + per-row scale on the output. Measured on a 2-core Zen 5 CPU with
+    # torch 2.13 (512x1536 @ 1536x4096): bfloat16 43 ms, the same as an unquantized product, while
+    # torch.ops.aten._weight_int8pack_mm takes 92 ms (2253 ms for float32) and torchao 0.18's Int8WeightOnlyConfig,
+    # which does run on the CPU, 68 ms (126 ms float32) and prints library load failures; torchao also quantizes
+    # a module built in full precision first, and this model is never built that way.
+    def forward(self, x: Tensor) -> Tensor:
+        if self.qtype is None:  # per-row scales commute with the product: scale the (smaller) output instead
+            y = linear(x, self.weight.to(x.dtype), None) * self.weight_scale.to(x.dtype)
+            return y if self.bias is None else y + self.bias
+        w = dequantize(self.weight, self.qtype, (self.out_features, self.in_features), x.dtype)
+        return linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+
+
+def quantize_int8(w: Tensor) -> QWeight:
+    """Symmetric int8 per output row: w ~ q * scale, |q| <= 127 (round to nearest)."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / INT8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.round(w / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return QWeight("int8", tuple(w.shape), q, scale)
+
+
+def quantize_fp8(w: Tensor) -> QWeight:
+    """float8 e4m3 per output row, each row scaled so that its largest magnitude maps to e4m3's maximum (448)."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return QWeight("fp8", tuple(w.shape), (w / scale[:, None]).to(FP8), scale)
+
+
+QUANTIZERS: dict[str, Callable[[Tensor], QWeight]] = {"int8": quantize_int8, "fp8": quantize_fp8}
+
+
+def fp8_problem(device: torch.device) -> str | None:
+    """Why fp8 weights are refused on `device`, or None. e4m3 needs CUDA capability 8.9 (Ada, Hopper) or later;
+    elsewhere int8 stores the same bytes with a smaller error."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) >= (8, 9):
+            return None
+        return f"this GPU (CUDA capability {major}.{minor}) has no fp8; fp8 needs 8.9 or later: use int8"
+    return f"fp8 weights need a CUDA GPU with capability 8.9 or later, not {device.type}: use int8"
+
+
+def linear_keys(module: nn.Module) -> dict[str, nn.Linear]:
+    """`name.weight` -> the nn.Linear owning it, for every Linear in `module`."""
+    return {f"{name}.weight": m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+def install(module: nn.Module, state: dict[str, Tensor | QWeight]) -> nn.Module:
+    """Fill a meta-device module from `state` (module keys -> tensors or QWeights): each Linear whose weight is a
+    QWeight becomes a QuantLinear under the same name, everything else is assigned as is."""
+    flat: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(value, QWeight):
+            flat.setdefault(key, value)
+            continue
+        name = key.removesuffix(".weight")
+        parent, _, child = name.rpartition(".")
+        q = QuantLinear(value, state.get(f"{name}.bias"))
+        setattr(module.get_submodule(parent) if parent else module, child, q)
+        flat.update({f"{name}.{k}": v for k, v in q.state_dict(keep_vars=True).items()})
+    module.load_state_dict(flat, strict=True, assign=True)
+    return module.requires_grad_(False).eval()
+
+
+def load_quantized(module: nn.Module, header: dict[str, tuple[Path, TensorInfo]], pieces: dict[str, Piece],
+                   dtype: torch.dtype, device: torch.device, fmt: str,
+                   patch: Callable[[str, Tensor], Tensor] | None = None) -> nn.Module:
+    """Like weights.load_pieces, quantizing every Linear weight to `fmt` the moment it is read (on `device`, so a
+    GPU does the rounding), so the unquantized model never exists. `patch(key, weight)` (a LoRA merge) changes a
+    weight before it is quantized."""
+    quantize, linears = QUANTIZERS[fmt], linear_keys(module)
+
+    def convert(key: str, t: Tensor) -> Tensor | QWeight:
+        if patch is not None:
+            t = patch(key, t)
+        if key in linears:
+            return quantize(t.to(device))
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    return install(module, read_pieces(header, pieces, convert))
+
+
+def load_weights_of(module: nn.Module, comp, dtype: torch.dtype, device: torch.device,
+                    quantize: str = "none") -> nn.Module:
+    """Fill a meta-device module from a checked modelfiles.Component (only the pieces of keys `module` has): from
+    its GGUF file kept quantized, quantized to `quantize` while reading, or plainly in `dtype`."""
+    used = expected_shapes(module)
+    pieces = {k: p for k, p in comp.pieces.items() if k in used}
+    if comp.where.suffix.lower() == ".gguf":
+        return load_gguf(module, comp.where, pieces, dtype, device)
+    if quantize != "none":
+        return load_quantized(module, comp.header, pieces, dtype, device, quantize)
+    return load_pieces(module, comp.header, pieces, dtype, device)
+
+
+SCALE_NAMES = ("scale_weight", "weight_scale")  # ComfyUI's older "scaled fp8" files, and newer ones
+FP8_MARKERS = ("scaled_fp8",)  # an empty tensor that marks a scaled-fp8 file
+FP8_DROPPED = ("scale_input", "input_scale", "comfy_quant")  # activation scales (weight-only here) and metadata
+
+
+def read_scaled_fp8(path: Path) -> dict[str, Tensor | QWeight]:
+    """The tensors of a ComfyUI fp8 safetensors file: each float8_e4m3fn `X.weight` with its `X.scale_weight` or
+    `X.weight_scale` (one per tensor or per row) becomes a QWeight('fp8') kept in fp8; other tensors as stored.
+    Raises WeightsError when an fp8 weight has no scale or the file cannot be read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())
+            tensors = {n: f.get_tensor(n) for n in names if n.rsplit(".", 1)[-1] not in SCALE_NAMES + FP8_DROPPED
+                       and n not in FP8_MARKERS}
+            scales = {n.rsplit(".", 1)[0]: f.get_tensor(n).float() for n in names
+                      if n.rsplit(".", 1)[-1] in SCALE_NAMES}
+    except Exception as e:
+        raise WeightsError(f"{path} could not be read ({' '.join(str(e).split())}); download it again") from None
+    out: dict[str, Tensor | QWeight] = {}
+    for name, t in tensors.items():
+        if t.dtype != FP8 or t.ndim != 2:
+            out[name] = t
+            continue
+        base = name.removesuffix(".weight")
+        if base not in scales:
+            raise WeightsError(f"{path.name}: float8 tensor '{name}' has no scale_weight or weight_scale")
+        scale = scales[base].reshape(-1).expand(t.shape[0]).contiguous() if scales[base].numel() == 1 \
+            else scales[base].reshape(t.shape[0])
+        out[name] = QWeight("fp8", tuple(t.shape), t, scale)
+    return out
+
+
+def load_scaled_fp8(module: nn.Module, path: Path, dtype: torch.dtype, device: torch.device,
+                    to_module_keys: Callable[[dict], dict]) -> nn.Module:
+    """Fill a meta-device module from a ComfyUI fp8 file without upcasting it: Linear weights stay float8 with
+    their scales (dequantized per tensor at load on MPS, which has no float8), everything else in `dtype`."""
+    tensors = to_module_keys(read_scaled_fp8(path))
+    expected, linears = expected_shapes(module), linear_keys(module)
+    check_shapes(path, {k: v.shape for k, v in tensors.items()}, expected)
+    state: dict[str, Tensor | QWeight] = {}
+    for key, value in tensors.items():
+        if isinstance(value, QWeight) and key in linears and device.type != "mps":
+            state[key] = QWeight(value.fmt, value.shape, value.data.to(device), value.scale.to(device))
+        elif isinstance(value, QWeight):
+            state[key] = (value.data.float() * value.scale[:, None]).to(device=device, dtype=dtype)
+        else:
+            state[key] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+    return install(module, state)
+
+
+def check_shapes(path: Path, shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
+                 squeezable: Callable[[str], bool] = lambda key: False) -> None:
+    """Raise WeightsError for the first tensor of `path` the module lacks, whose shape differs (up to dims of 1
+    where `squeezable`), or that the module needs and the file lacks."""
+    drop = lambda s: tuple(d for d in s if d != 1)  # noqa: E731  (a (1, dim) token may be stored as (dim,))
+    for key, shape in shapes.items():
+        if key not in expected:
+            raise WeightsError(f"{path.name}: unexpected tensor '{key}' (not part of the configured model)")
+        if tuple(shape) != expected[key] and not (squeezable(key) and drop(shape) == drop(expected[key])):
+            raise WeightsError(f"{path.name}: tensor '{key}' has shape {list(shape)}, expected {list(expected[key])}")
+    missing = [k for k in expected if k not in shapes]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise WeightsError(f"{path.name}: tensor '{missing[0]}'{more} missing from the file")
+
+
+def load_gguf(module: nn.Module, path: Path, pieces: dict[str, Piece], dtype: torch.dtype,
+              device: torch.device) -> nn.Module:
+    """Fill a meta-device module from a GGUF file whose tensors `pieces` maps (checked by match_pieces) onto its
+    keys: quantized Linear weights stay quantized (moved to `device`), float Linear weights are kept as stored when
+    that is smaller than `dtype`, every other tensor is dequantized to `dtype`."""
+    _, tensors = read_gguf(path)
+    expected, linears = expected_shapes(module), linear_keys(module)
+    size = torch.tensor([], dtype=dtype).element_size()
+    state: dict[str, Tensor | QWeight] = {}
+    for key, value in by_pieces(tensors, pieces).items():
+        keep = value.quantized or value.data.element_size() < size
+        if key in linears and keep and value.rows_kept:
+            state[key] = QWeight(value.qtype.name, value.shape, value.data.to(device))
+        else:
+            state[key] = value.dequantize(dtype).reshape(expected[key]).to(device)
+    return install(module, state)
+
+
+def quantized_bytes(module: nn.Module) -> int:
+    """Bytes the module's parameters hold, quantized ones as stored."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def describe(module: nn.Module) -> str:
+    """'N linears quantized (fmt: count, ...), X in all' for log messages."""
+    counts: dict[str, int] = {}
+    for m in module.modules():
+        if isinstance(m, QuantLinear):
+            counts[m.fmt] = counts.get(m.fmt, 0) + 1
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
+    return f"{sum(counts.values())} linear layers quantized ({kinds}), {human_bytes(quantized_bytes(module))} in all"
+
