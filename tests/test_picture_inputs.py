@@ -53,8 +53,10 @@ def loads(monkeypatch) -> list[str]:
         calls.append(str(folder))
         raise AssertionError(f"weights were loaded from {folder}")
 
-    for mod in (zimage.weights, zimage.pipeline, zimage.text_encoder, zimage.controlnet):
-        monkeypatch.setattr(mod, "load_weights", refuse)
+    for mod, name in ((zimage.weights, "load_weights"), (zimage.weights, "load_pieces"),
+                      (zimage.pipeline, "load_pieces"), (zimage.text_encoder, "load_pieces"),
+                      (zimage.controlnet, "load_weights")):
+        monkeypatch.setattr(mod, name, refuse)
     return calls
 
 
@@ -157,8 +159,9 @@ def test_odd_picture_files_work_as_init_image_mask_and_control(tiny, tmp_path, k
 
 def test_from_png_reruns_with_the_recorded_pictures_and_refuses_changed_ones(tiny, pics, tmp_path):
     first = tmp_path / "first.png"
-    result = generate(tiny, "--init-image", str(pics / "rgb.png"), "--mask", str(pics / "mask.png"), "--strength",
-                      "0.5", "-o", str(first))
+    result = CliRunner().invoke(app, ["generate", "--model-path", str(tiny), "--prompt", "a cat", "--num-steps", "2",
+                                      "--seed", "7", "--init-image", str(pics / "rgb.png"), "--mask",
+                                      str(pics / "mask.png"), "--strength", "0.5", "-o", str(first)])
     assert result.exit_code == 0, result.stderr
     assert "Saved" in result.stderr and "1 of 2 steps" in result.stderr
     meta = json.loads(Image.open(first).info["zimage"])
