@@ -52,7 +52,7 @@ def pixels(path) -> np.ndarray:
 
 def generate(model, *args):
     return CliRunner().invoke(app, ["generate", "--model-path", str(model), "--prompt", PROMPT, "--seed", str(SEED),
-                                    "-q", *args])
+                                    "-q", "--dtype", "float32", *args])
 
 
 @pytest.mark.parametrize("variant,scale,guidance", [("1.0", None, 0.0), ("1.0", 1.4, 2.0), ("2.0", 0.5, 0.0),

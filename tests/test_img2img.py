@@ -46,7 +46,7 @@ def ref_inpaint(tiny):
 
 def generate(model, *args):
     return CliRunner().invoke(app, ["generate", "--model-path", str(model), "--prompt", PROMPT, "--seed", str(SEED),
-                                    "-q", *args])
+                                    "-q", "--dtype", "float32", *args])
 
 
 CASES = {  # name: (checkpoint, picture size, strength, guidance, steps)
@@ -97,7 +97,8 @@ def test_batch_of_two_init_images_matches_reference_batch(tiny, ref_img2img, tmp
     jsonl.write_text("".join(json.dumps({"prompt": p, "init_image": f"pics/p{k}.png", "strength": 0.7}) + "\n"
                              for k, p in enumerate(["a cat", "a boat"])))
     result = CliRunner().invoke(app, ["generate", "--model-path", str(tiny), "--prompts-file", str(jsonl), "--seed",
-                                      "5", "--batch-size", "2", "-o", str(tmp_path / "b.png"), "-q"])
+                                      "5", "--batch-size", "2", "-o", str(tmp_path / "b.png"), "-q",
+                                      "--dtype", "float32"])
     assert result.exit_code == 0, result.output
     images = [Image.open(tmp_path / "pics" / f"p{k}.png").convert("RGB") for k in range(2)]
     expected = ref_img2img["single"](["a cat", "a boat"], image=images, strength=0.7, num_inference_steps=8,
