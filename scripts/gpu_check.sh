@@ -127,18 +127,21 @@ for m in $MODES; do
     rest=$(left); [ "$rest" -lt "$limit" ] && limit=$rest
     if [ "$limit" -lt 20 ]; then echo "| $offload | $tile | $comp | skipped: budget spent |||||" >> "$REPORT"; continue; fi
     echo "== mode $m (at most ${limit}s)"
-    if timeout --kill-after=10 "$limit" "$PY" "$WORK/mode.py" "$MID" "$DEVICE" "$offload" "$tile" "$comp" "$SIZE" \
-            > "$WORK/mode.out" 2>&1; then
+    timeout --kill-after=10 "$limit" "$PY" "$WORK/mode.py" "$MID" "$DEVICE" "$offload" "$tile" "$comp" "$SIZE" \
+        > "$WORK/mode.out" 2>&1
+    rc=$?
+    if [ $rc -eq 0 ]; then
         tail -n 1 "$WORK/mode.out"
         "$PY" - "$WORK/mode.out" >> "$REPORT" <<'EOF'
 import json, sys
 r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
-print(f"| {r['offload']} | {r['tile']} | {r['compile']} | {r['seconds']:.1f} | {r['first_step']:.2f} | "
+print(f"| {r['offload']} | {r['tile']} | {int(r['compile'])} | {r['seconds']:.1f} | {r['first_step']:.2f} | "
       f"{r['later_steps']:.3f} | {r['decode']:.2f} | {r['peak_vram_gib']:.2f} | {r['peak_rss_gib']:.2f} |")
 EOF
     else
         tail -n 20 "$WORK/mode.out"
-        echo "| $offload | $tile | $comp | failed: $(tail -n 1 "$WORK/mode.out" | cut -c1-150 | tr '|' '/') |||||" >> "$REPORT"
+        why=$([ $rc -eq 124 ] && echo "timed out after ${limit} s" || tail -n 1 "$WORK/mode.out" | cut -c1-150 | tr '|' '/')
+        echo "| $offload | $tile | $comp | failed (exit $rc): $why |||||" >> "$REPORT"
     fi
 done
 say ""

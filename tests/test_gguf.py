@@ -442,3 +442,16 @@ def test_tensor_regrouped_with_orig_shape_is_read_in_its_shape(base96, tmp_path)
     x, t = torch.randn(1, 16, 8, 8, generator=gen), torch.rand(1, generator=gen)
     caps = [torch.randn(7, ours.cfg.cap_feat_dim, generator=gen)]
     assert torch.equal(ours(x, t, caps), expected(x, t, caps))
+
+
+def test_transformer_flag_takes_a_gguf_file(base96, tmp_path):
+    """`--transformer FILE.gguf` beside a folder in the published layout: the same image as the GGUF in the folder."""
+    quantized, _ = gguf_model(base96, tmp_path, mixed_types())
+    gguf_file = tmp_path / "zit-mixed.gguf"
+    shutil.copy(quantized / "transformer" / "model.gguf", gguf_file)
+    in_folder = image(quantized, tmp_path / "a.png")
+    given = image(base96, tmp_path / "b.png", "--transformer", str(gguf_file))
+    assert np.array_equal(in_folder, given)
+    result = CliRunner().invoke(app, ["check", str(base96), "--transformer", str(gguf_file)])
+    assert result.exit_code == 0, result.output
+    assert "Q4_K" in next(ln for ln in result.output.splitlines() if ln.startswith("transformer"))

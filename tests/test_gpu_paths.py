@@ -33,7 +33,7 @@ from zimage.pipeline import Options, Pipeline, load_transformer
 from zimage.rope import Rope, RopeTables, rotate_complex, rotate_real
 from zimage.scheduler import get_sigmas
 from zimage.text_encoder import TextEncoder
-from zimage.vae import GroupNorm, merge_moments
+from zimage.tiling import GroupNorm, merge_moments
 
 CPU = torch.device("cpu")
 BAD = (torch.float64, torch.complex128)

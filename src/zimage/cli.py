@@ -15,11 +15,12 @@ import typer
 
 from .clihelp import EXIT_INTERRUPTED, Command, Group
 from .errors import MissingFileError, NonFiniteImage, NonFiniteLatents, OutOfMemory, UsageError, WeightsError
-from .jobs import Job, Settings
+from .jobs import Job, Settings, parse_lora
 from .layout import DEFAULT_MODEL
 from .published import REPO_ID
 from .planning import plan
-from .report import record, report_group, summarize
+from .report import report_group, summarize
+from .runner import run_jobs
 
 # torch, transformers, numpy and PIL are imported inside the functions that need them: `--help` and usage errors
 # stay fast because they never load them.
@@ -199,6 +200,10 @@ def generate(
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", metavar="DIR", rich_help_panel=MODEL_FILES,
                                              show_default="the model folder's tokenizer/",
                                              help="Tokenizer folder, or org/name in the Hugging Face cache."),
+    lora: List[str] = typer.Option([], "--lora", metavar="FILE[:SCALE]", show_default=False,
+                                   rich_help_panel=MODEL_FILES,
+                                   help="LoRA (.safetensors from any common trainer) merged into the model, scale 1.0 "
+                                        "unless given; repeat to combine several."),
     cpu: bool = typer.Option(False, "--cpu", rich_help_panel=DEVICE, help="Use the CPU (same as --device cpu)."),
     device: str = typer.Option("auto", "--device", rich_help_panel=DEVICE,
                                help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."),
@@ -257,6 +262,10 @@ def generate(
                          **{k: None if v is None else str(v.expanduser()) for k, v in dict(
                              init_image=init_image, mask=mask, control_image=control_image,
                              controlnet=controlnet).items()})
+        try:
+            settings["loras"] = tuple(parse_lora(x) for x in lora) or None
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         jobs, skipped, model, random_seed = plan(prompt, prompts_file, from_png, given(ctx, model_path=model_path)
                                                  ["model_path"], output, num_images, settings,
                                                  dict(transformer=transformer, text_encoder=text_encoder, vae=vae,
@@ -349,48 +358,6 @@ def runtime_options(model, jobs: list[Job], batch_size: int, cpu: bool, device: 
     log.info("device %s, %s, offload %s; %d image(s)", dev, str(dt).removeprefix("torch."), mode, len(jobs))
     return Options(model.folder, dev, dt, mode, compile_, VAE_TILE if vae_tiling else None, vae_dt, not quiet,
                    overwrite, files=model, quantize=quantize, quantize_text_encoder=quantize_text_encoder)
-
-
-def run_jobs(opts, todo: list[Job], done: list[Job], batch_size: int, json_out: bool) -> tuple[list[dict], list[str]]:
-    """Make the images of `todo`, reporting each as it is written; `done` ones were made before and are
-    reported as skipped. Loads no model when nothing is left to write. Returns the records of all, in job
-    order, and the failures; exits 130 on Ctrl-C after saying which images were written."""
-    from .pipeline import Pipeline
-
-    records = [record(j) for j in done]
-    if json_out:
-        for r in records:
-            typer.echo(json.dumps(r))
-    to_write = [j for j in todo if j.write]
-    written: list[Job] = []
-    failed: list[str] = []
-
-    def on_image(job: Job, seconds: float) -> None:
-        written.append(job)
-        records.append(record(job, seconds))
-        if json_out:
-            typer.echo(json.dumps(records[-1]))
-        if len(to_write) > 1:
-            log.info("wrote %s (seed %d, %.1fs)", job.output, job.settings.seed, seconds)
-
-    def on_error(job: Job, message: str) -> None:
-        failed.append(message)
-        err(f"failed: {job.origin}: {message}")
-
-    def summary(what: str) -> str:
-        return f"{what}: {len(written)} of {len(to_write)} image(s) written" + "".join(f"\n  {j.output}" for j in written)
-
-    if to_write:
-        try:
-            Pipeline(opts).run(todo, batch_size, on_image, on_error)
-        except KeyboardInterrupt:
-            err(summary("interrupted"))
-            raise typer.Exit(EXIT_INTERRUPTED)
-        except Exception:
-            if written:  # the error is reported by the caller; first say what was saved before it
-                err(summary("stopped"))
-            raise
-    return sorted(records, key=lambda r: r["index"]), failed
 
 
 @app.command(cls=Command)

@@ -159,7 +159,7 @@ def weight_bytes(header: dict[str, tuple[Path, TensorInfo]], dtype: torch.dtype,
     per_block: dict[str, int] = {}
     total = 0
     for name, (_, info) in header.items():
-        matrix = quantize != "none" and len(info.shape) == 2 and info.shape[0] > 1
+        matrix = len(info.shape) == 2 and info.shape[0] > 1 and (quantize != "none" or info.dtype.startswith("F8"))
         n = info.stored if info.stored is not None else info.numel * (1 if matrix else size)
         total += n
         parts = strip_prefix(name, ("model.diffusion_model.", "diffusion_model.", "model.")).split(".")

@@ -21,12 +21,54 @@ MAX_SEED = 2**64 - 1
 DEFAULT_GUIDANCE_WITH_NEGATIVE = 5.0
 JSONL_FIELDS = {"prompt", "negative_prompt", "seed", "width", "height", "num_steps", "guidance_scale", "output",
                 "init_image", "strength", "mask", "control_image", "control_scale",
-                "cfg_normalization", "cfg_truncation", "num_images"}
+                "cfg_normalization", "cfg_truncation", "num_images", "loras"}
 PLACEHOLDERS = {"index", "seed", "prompt"}
 
 
 class ItemError(Exception):
     """One item of a batch is unusable; it is reported with its origin and skipped."""
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """A LoRA file to merge, with its scale; sha256 is filled in once the file has been checked."""
+
+    path: str
+    scale: float = 1.0
+    sha256: str = ""
+
+
+def parse_lora(spec: str, base: Path | None = None) -> LoraRef:
+    """`FILE` or `FILE:SCALE` (scale 1.0 by default); a relative FILE is taken from `base` (default: the current
+    folder). A colon followed by something that is not a number belongs to the file name."""
+    path, scale = spec, 1.0
+    head, sep, tail = spec.rpartition(":")
+    if sep:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            pass
+    if not path.strip():
+        raise ValueError(f"--lora '{spec}' names no file")
+    p = Path(path).expanduser()
+    return LoraRef(str((base / p if base is not None and not p.is_absolute() else p).absolute()), scale)
+
+
+def parse_loras(value, base: Path | None) -> tuple[LoraRef, ...]:
+    """The `loras` field of a JSONL line: a list of "path[:scale]" strings or {"path": ..., "scale": ...} objects."""
+    if not isinstance(value, list):
+        raise ValueError("\"loras\" must be a list of \"path:scale\" strings or {\"path\", \"scale\"} objects")
+    out = []
+    for v in value:
+        if isinstance(v, str):
+            out.append(parse_lora(v, base))
+        elif isinstance(v, dict) and isinstance(v.get("path"), str) and set(v) <= {"path", "scale"} and \
+                isinstance(v.get("scale", 1.0), (int, float)) and not isinstance(v.get("scale"), bool):
+            ref = parse_lora(v["path"] + ":0", base)  # the ":0" keeps colons in the path part of the name
+            out.append(LoraRef(ref.path, float(v.get("scale", 1.0))))
+        else:
+            raise ValueError(f"\"loras\" entry {v!r} must be \"path:scale\" or {{\"path\": ..., \"scale\": ...}}")
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -42,6 +84,7 @@ class Settings:
     cfg_normalization: float = 0.0
     cfg_truncation: float = 1.0
     seed: int = 0
+    loras: tuple[LoraRef, ...] = ()
     init_image: str | None = None  # start from this picture (image-to-image; inpainting with `mask`)
     strength: float | None = None  # None: the reference's default for the mode (inputs.picture_defaults)
     mask: str | None = None  # white = repaint, black = keep
@@ -69,7 +112,8 @@ class Job:
                 "cfg_truncation": s.cfg_truncation, "seed": s.seed, "width": s.width, "height": s.height,
                 "model": Path(os.path.abspath(self.model)).name, "model_path": os.path.abspath(self.model),
                 "model_path_given": self.model,  # the absolute path re-runs from any folder; as typed, for the record
-                **input_metadata(s)}
+                **({"loras": [{"name": Path(r.path).name, "path": r.path, "sha256": r.sha256, "scale": r.scale}
+                              for r in s.loras]} if s.loras else {}), **input_metadata(s)}
 
 
 def round16(n: int, up: bool) -> int:
@@ -200,9 +244,10 @@ def jsonl_problem(line: str) -> tuple[dict, str | None]:
     return obj, None
 
 
-def read_prompt_lines(text: str, name: str, jsonl: bool) -> tuple[list[Item], list[tuple[Item, str]]]:
-    """Items from a prompts file: one prompt a line, or one JSON object a line for JSONL.
-    Returns the items and the lines that were skipped, with why."""
+def read_prompt_lines(text: str, name: str, jsonl: bool,
+                      base: Path | None = None) -> tuple[list[Item], list[tuple[Item, str]]]:
+    """Items from a prompts file: one prompt a line, or one JSON object a line for JSONL (LoRA paths in it relative
+    to `base`). Returns the items and the lines that were skipped, with why."""
     items, errors = [], []
     for n, line in enumerate(text.splitlines(), start=1):
         origin = f"{name} line {n}"
@@ -212,6 +257,11 @@ def read_prompt_lines(text: str, name: str, jsonl: bool) -> tuple[list[Item], li
             items.append(Item({"prompt": line.strip()}, origin, line=n))
             continue
         obj, problem = jsonl_problem(line)
+        if not problem and "loras" in obj:
+            try:
+                obj["loras"] = parse_loras(obj["loras"], base)
+            except ValueError as e:
+                problem = str(e)
         if problem:
             errors.append((Item({}, origin, line=n), f"{origin}: {problem}"))
         else:
@@ -239,7 +289,8 @@ def read_prompts_file(path: str) -> tuple[list[Item], list[tuple[Item, str]]]:
         text = p.read_text(encoding="utf-8-sig")  # utf-8, dropping a byte-order mark that editors may write
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read prompts file {p}: {e}") from None
-    items, errors = read_prompt_lines(text, p.name, jsonl=p.suffix.lower() == ".jsonl" or looks_like_jsonl(text))
+    items, errors = read_prompt_lines(text, p.name, jsonl=p.suffix.lower() == ".jsonl" or looks_like_jsonl(text),
+                                      base=p.parent)
     return [relative_to(item, p.parent) for item in items], errors
 
 
@@ -259,6 +310,9 @@ def typed(fields: dict, origin: str) -> dict:
     """Check the JSON types of an item's fields (ints must be integers; floats may be integers)."""
     out = {}
     for k, v in fields.items():
+        if k == "loras":  # already parsed into LoraRefs when the line was read
+            out[k] = v
+            continue
         want = TYPES[k]
         ok = isinstance(v, str) if want is str else (
             isinstance(v, int) and not isinstance(v, bool) if want is int else
@@ -341,4 +395,8 @@ def settings_from(meta: dict) -> dict:
             "guidance": "guidance_scale", "cfg_normalization": "cfg_normalization",
             "cfg_truncation": "cfg_truncation", "seed": "seed", "width": "width", "height": "height",
             **{k: k for k in (*INPUT_FIELDS, "strength", "control_scale", "controlnet")}}
-    return {ours: meta[theirs] for theirs, ours in keys.items() if theirs in meta}
+    out = {ours: meta[theirs] for theirs, ours in keys.items() if theirs in meta}
+    if isinstance(meta.get("loras"), list):
+        out["loras"] = tuple(LoraRef(str(r.get("path", "")), float(r.get("scale", 1.0)), str(r.get("sha256", "")))
+                             for r in meta["loras"] if isinstance(r, dict))
+    return out

@@ -125,6 +125,10 @@ def with_shapes(component: str, base: Any, shapes: dict[str, tuple[int, ...]], p
                            f"give --model-path with the {component}/config.json that fits it") from None
 
 
+def no_component(name: str) -> UsageError:
+    return UsageError(f"no {name.replace('_', ' ')}: give --model-path FOLDER or {singlefile.FLAGS[name]} FILE")
+
+
 def gguf_source(files: ModelFiles, name: str) -> Path | None:
     """The GGUF file a component comes from: its single file when that is a .gguf, else a .gguf standing in for the
     safetensors in its folder; None for safetensors."""
@@ -146,7 +150,7 @@ def weights_header(files: ModelFiles, name: str) -> dict[str, tuple[Path, Tensor
     if path is not None:
         return file_header(path)
     if files.folder is None:
-        raise UsageError(f"no {name.replace('_', ' ')}: give --model-path FOLDER or {singlefile.FLAGS[name]} FILE")
+        raise no_component(name)
     return checkpoint_header(files.folder / name, WEIGHT_STEMS[name])
 
 
@@ -158,7 +162,7 @@ def component(files: ModelFiles, name: str) -> Component:
         return gguf_component(files, name, gguf)
     if path is None:
         if files.folder is None:
-            raise UsageError(f"no {name.replace('_', ' ')}: give --model-path FOLDER or {singlefile.FLAGS[name]} FILE")
+            raise no_component(name)
         folder = files.folder / name
         header = checkpoint_header(folder, WEIGHT_STEMS[name])
         rename = singlefile.text_encoder_pieces_of if name == "text_encoder" else (lambda n: {n: Piece(n)})

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from .errors import OutOfMemory
 from .images import save_image, to_pil
 from .jobs import Job
+from .lora import LoraSet, model_shapes, read_lora
 from .devices import tune_allocator
 from .modelfiles import ModelFiles, component, scheduler_config
 from .compiling import compile_blocks, uncompile
@@ -28,7 +29,7 @@ from .scheduler import Guidance, denoise, first_step, get_noise, get_sigmas, mod
 from .text_encoder import TextEncoder
 from .transformer import ZImageTransformer
 from .vae import AutoencoderKL, VAEConfig
-from .weights import expected_shapes, load_pieces, match_pieces
+from .weights import Patch, expected_shapes, load_pieces, match_pieces
 
 log = logging.getLogger("zimage")
 
@@ -85,18 +86,20 @@ class Timings:
 
 
 def load_transformer(source: ModelFiles | Path, device: torch.device, dtype: torch.dtype,
-                     quantize: str = "none") -> ZImageTransformer:
+                     quantize: str = "none", patch: Patch | None = None) -> ZImageTransformer:
     """The transformer from a checkpoint folder or the ModelFiles of a run (a single file in any layout, a GGUF
-    file kept quantized), its linear weights quantized to `quantize` (int8, fp8) while loading unless none."""
+    file kept quantized), its linear weights quantized to `quantize` (int8, fp8) while loading unless none;
+    `patch` edits weights as they load, before any quantization (see weights.read_pieces)."""
     comp = component(ModelFiles.of(source), "transformer")
     with torch.device("meta"):
         model = ZImageTransformer(comp.config)
     match_pieces(comp.header, expected_shapes(model), comp.pieces, comp.configured_by, comp.where)
-    if quantize == "none" and comp.where.suffix.lower() != ".gguf":
-        return load_pieces(model, comp.header, comp.pieces, dtype, device)
-    from .quant import describe, load_weights_of
+    from .quant import describe, is_scaled_fp8, load_weights_of
 
-    model = load_weights_of(model, comp, dtype, device, quantize)
+    if quantize == "none" and comp.where.suffix.lower() != ".gguf" and not is_scaled_fp8(comp.header):
+        return load_pieces(model, comp.header, comp.pieces, dtype, device, patch)
+
+    model = load_weights_of(model, comp, dtype, device, quantize, patch)
     log.info("transformer: %s", describe(model))
     return model
 
@@ -140,6 +143,27 @@ def batches(jobs: list[Job], size: int) -> list[list[Job]]:
     return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
 
 
+def lora_groups(jobs: list[Job], files: ModelFiles) -> dict[tuple, tuple[LoraSet | None, list[Job]]]:
+    """Jobs grouped by their LoRA set (first-seen order), each set read once."""
+    groups: dict[tuple, tuple[LoraSet | None, list[Job]]] = {}
+    shapes = None
+    for job in jobs:
+        refs = job.settings.loras
+        if refs not in groups:
+            loras = None
+            if refs:
+                shapes = shapes or model_shapes(files)
+                loras = LoraSet([(read_lora(Path(r.path), shapes), r.scale) for r in refs])
+            groups[refs] = (loras, [])
+        groups[refs][1].append(job)
+    return groups
+
+
+def te_refs(refs: tuple, loras: LoraSet | None) -> tuple:
+    """The part of a LoRA set that changes caption features: all of it when it touches the text encoder, else none."""
+    return refs if loras is not None and loras.touches("text_encoder") else ()
+
+
 class Pipeline:
     """Runs jobs with the models of one checkpoint: encode every prompt, free the text encoder, then denoise and
     decode batch by batch, writing each image as soon as it is decoded."""
@@ -165,13 +189,17 @@ class Pipeline:
         """Where weights rest between uses: the CPU when offloading, else the compute device."""
         return torch.device("cpu") if self.opts.offload != "none" else self.opts.device
 
-    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Caption features for each distinct prompt; the text encoder is loaded for this call only."""
+    def encode(self, prompts: list[str], loras: LoraSet | None = None) -> dict[str, torch.Tensor]:
+        """Caption features for each distinct prompt, with the text-encoder part of `loras` merged; the text encoder
+        is loaded for this call only."""
         unique = list(dict.fromkeys(prompts))
         t0 = time.perf_counter()
         streamed = self.opts.offload == "sequential"
         encoder = TextEncoder.load(self.opts.sources, self.storage_device if streamed else self.compute_device,
-                                   self.opts.dtype, self.opts.quantize_text_encoder)
+                                   self.opts.dtype, self.opts.quantize_text_encoder,
+                                   loras.patch("text_encoder") if loras else None)
+        if loras:
+            loras.close()
         streamer = BlockStreamer(encoder.model, list(encoder.model.layers), self.compute_device) if streamed else None
         self.timings.load += time.perf_counter() - t0
         log.info("text encoder loaded in %.1fs", time.perf_counter() - t0)
@@ -189,16 +217,20 @@ class Pipeline:
         self.timings.encode += time.perf_counter() - t0
         return feats
 
-    def load_denoiser(self) -> None:
+    def load_denoiser(self, loras: LoraSet | None = None) -> None:
+        """The transformer with `loras` merged, and the VAE unless it is loaded already."""
         t0 = time.perf_counter()
         self.transformer = load_transformer(self.opts.sources, self.storage_device, self.opts.dtype,
-                                            self.opts.quantize)
+                                            self.opts.quantize, loras.patch("transformer") if loras else None)
+        if loras:
+            loras.close()
         if self.opts.offload == "sequential":
             t = self.transformer
             self.streamer = BlockStreamer(t, self.blocks, self.compute_device)
         if self.opts.compile:
             compile_blocks(self.blocks)
-        self.vae = load_vae(self.opts.sources, self.storage_device, self.opts.vae_dtype, self.opts.dtype)
+        if self.vae is None:
+            self.vae = load_vae(self.opts.sources, self.storage_device, self.opts.vae_dtype, self.opts.dtype)
         if self.controlnet_path:
             self.load_controlnet()
         self.timings.load += time.perf_counter() - t0
@@ -335,19 +367,27 @@ class Pipeline:
             on_error: Callable[[Job, str], None]) -> None:
         """Make every job's image and write it to `job.output`, calling `on_image(job, seconds)` after each write
         and `on_error(job, message)` when a file cannot be written."""
-        prompts = [j.settings.prompt for j in jobs]
-        prompts += [j.settings.negative_prompt for j in jobs if j.settings.guidance_scale > 0]
         what = "loading the models"
         self.controlnet_path = next((j.settings.controlnet for j in jobs if j.settings.control_image), None)
         try:
-            feats = self.encode(prompts)
-            self.load_denoiser()
-            todo = batches(jobs, batch_size)
-            for n, batch in enumerate(todo, start=1):
+            groups = lora_groups(jobs, self.opts.sources)
+            wanted: dict[tuple, tuple[LoraSet | None, list[str]]] = {}  # text-encoder LoRA set -> its prompts
+            for refs, (loras, group) in groups.items():
+                te = te_refs(refs, loras)
+                prompts = wanted.setdefault(te, (loras if te else None, []))[1]
+                prompts += [j.settings.prompt for j in group]
+                prompts += [j.settings.negative_prompt for j in group if j.settings.guidance_scale > 0]
+            feats = {te: self.encode(prompts, loras) for te, (loras, prompts) in wanted.items()}
+            todo = [(refs, loras, batch) for refs, (loras, group) in groups.items()
+                    for batch in batches(group, batch_size)]
+            for n, (refs, loras, batch) in enumerate(todo, start=1):
+                if n == 1 or refs != todo[n - 2][0]:  # each LoRA set is merged once, while its transformer loads
+                    self.release_transformer()
+                    self.load_denoiser(loras)
                 s = batch[0].settings
                 what = f"making {len(batch)} image(s) of {s.width}x{s.height}{' with CFG' if s.guidance_scale else ''}"
                 t0 = time.perf_counter()
-                latents = self.denoise_batch(batch, feats)
+                latents = self.denoise_batch(batch, feats[te_refs(refs, loras)])
                 if n == len(todo):
                     self.release_transformer()  # not needed again: the decode gets its memory
                 images = to_pil(self.decode(latents))

@@ -123,7 +123,49 @@ def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path
 
         sources = ModelFiles(model)
     errors = sorted(file_errors + result.errors, key=lambda e: e[0].line)  # in line order
-    return result.jobs, [m for _, m in errors], sources, random_seed
+    jobs, lora_errors = checked_loras(result.jobs, sources, base["loras"])
+    return jobs, [m for _, m in errors] + lora_errors, sources, random_seed
+
+
+def checked_loras(jobs: list[Job], sources: "ModelFiles", given: tuple) -> tuple[list[Job], list[str]]:
+    """The jobs with each LoRA's sha256 filled in, after checking every LoRA file fits the model (from headers only,
+    before any weights load) and that files named by --from-png are unchanged. A bad file of `given` (--lora or
+    --from-png) is a usage error; one named only by prompts-file lines skips those lines (returned messages)."""
+    from dataclasses import replace
+
+    refs = {r.path: r for j in jobs for r in j.settings.loras}
+    if not refs:
+        return jobs, []
+    from .lora import LoraError, model_shapes, read_lora, sha256
+
+    shapes = model_shapes(sources)
+    sums, problems = {}, {}
+    for path, ref in refs.items():
+        try:
+            if ref.sha256 and not Path(path).is_file():
+                raise LoraError(f"--from-png: the image was made with LoRA file {path}, which is not there any more")
+            lora = read_lora(Path(path), shapes)
+            for c in lora.components:
+                if (f := sources.file(c)) is not None and f.suffix.lower() == ".gguf":
+                    raise LoraError(f"LoRA file {path}: LoRAs cannot be merged into the GGUF {c.replace('_', ' ')} "
+                                    f"{f.name} (its weights stay quantized); use safetensors weights")
+            sums[path] = sha256(Path(path))
+            if ref.sha256 and ref.sha256 != sums[path]:
+                raise LoraError(f"--from-png: LoRA file {path} changed since the image was made (sha256 "
+                                f"{sums[path][:12]}..., the image says {ref.sha256[:12]}...)")
+        except LoraError as e:
+            if path in {r.path for r in given}:
+                raise UsageError(str(e)) from None
+            problems[path] = str(e)
+            continue
+        if lora.unmatched:
+            log.warning("LoRA file %s: %d key(s) match nothing in Z-Image and are ignored: %s%s", Path(path).name,
+                        len(lora.unmatched), ", ".join(lora.unmatched[:3]), ", ..." if len(lora.unmatched) > 3 else "")
+    ok = [j for j in jobs if not any(r.path in problems for r in j.settings.loras)]
+    skipped = list(dict.fromkeys(f"{j.origin}: {problems[r.path]}" for j in jobs for r in j.settings.loras
+                                 if r.path in problems))
+    return [replace(j, settings=replace(j.settings, loras=tuple(replace(r, sha256=sums[r.path])
+                                                               for r in j.settings.loras))) for j in ok], skipped
 
 
 def check_single_files(model: Path, explicit: bool, files: dict):

@@ -146,16 +146,25 @@ def load_quantized(module: nn.Module, header: dict[str, tuple[Path, TensorInfo]]
 
 
 def load_weights_of(module: nn.Module, comp, dtype: torch.dtype, device: torch.device,
-                    quantize: str = "none") -> nn.Module:
+                    quantize: str = "none", patch: Callable[[str, Tensor], Tensor] | None = None) -> nn.Module:
     """Fill a meta-device module from a checked modelfiles.Component (only the pieces of keys `module` has): from
-    its GGUF file kept quantized, quantized to `quantize` while reading, or plainly in `dtype`."""
+    its GGUF or ComfyUI fp8 file kept quantized, quantized to `quantize` while reading, or plainly in `dtype`;
+    `patch` (a LoRA merge) changes weights before they are quantized (files stored quantized take none: planning
+    refuses LoRAs for GGUF files, and a scaled-fp8 file is refused here)."""
     used = expected_shapes(module)
     pieces = {k: p for k, p in comp.pieces.items() if k in used}
     if comp.where.suffix.lower() == ".gguf":
+        if patch is not None:
+            raise WeightsError(f"{comp.where.name}: LoRAs cannot be merged into a GGUF file's quantized weights")
         return load_gguf(module, comp.where, pieces, dtype, device)
+    if comp.where.is_file() and is_scaled_fp8(comp.header):
+        if patch is not None:
+            raise WeightsError(f"{comp.where.name}: LoRAs cannot be merged into a scaled-fp8 file's weights; use a "
+                               "bfloat16 file with --quantize fp8 instead")
+        return load_scaled_fp8(module, comp.where, pieces, dtype, device)
     if quantize != "none":
-        return load_quantized(module, comp.header, pieces, dtype, device, quantize)
-    return load_pieces(module, comp.header, pieces, dtype, device)
+        return load_quantized(module, comp.header, pieces, dtype, device, quantize, patch)
+    return load_pieces(module, comp.header, pieces, dtype, device, patch)
 
 
 SCALE_NAMES = ("scale_weight", "weight_scale")  # ComfyUI's older "scaled fp8" files, and newer ones
@@ -192,15 +201,14 @@ def read_scaled_fp8(path: Path) -> dict[str, Tensor | QWeight]:
     return out
 
 
-def load_scaled_fp8(module: nn.Module, path: Path, dtype: torch.dtype, device: torch.device,
-                    to_module_keys: Callable[[dict], dict]) -> nn.Module:
-    """Fill a meta-device module from a ComfyUI fp8 file without upcasting it: Linear weights stay float8 with
-    their scales (dequantized per tensor at load on MPS, which has no float8), everything else in `dtype`."""
-    tensors = to_module_keys(read_scaled_fp8(path))
-    expected, linears = expected_shapes(module), linear_keys(module)
-    check_shapes(path, {k: v.shape for k, v in tensors.items()}, expected)
+def load_scaled_fp8(module: nn.Module, path: Path, pieces: dict[str, Piece], dtype: torch.dtype,
+                    device: torch.device) -> nn.Module:
+    """Fill a meta-device module from a ComfyUI fp8 file whose tensors `pieces` maps (checked by match_pieces) onto
+    its keys, without upcasting it: Linear weights stay float8 with their scales (dequantized per tensor at load on
+    MPS, which has no float8), everything else in `dtype`."""
+    linears = linear_keys(module)
     state: dict[str, Tensor | QWeight] = {}
-    for key, value in tensors.items():
+    for key, value in by_pieces(read_scaled_fp8(path), pieces).items():
         if isinstance(value, QWeight) and key in linears and device.type != "mps":
             state[key] = QWeight(value.fmt, value.shape, value.data.to(device), value.scale.to(device))
         elif isinstance(value, QWeight):
@@ -210,20 +218,9 @@ def load_scaled_fp8(module: nn.Module, path: Path, dtype: torch.dtype, device: t
     return install(module, state)
 
 
-def check_shapes(path: Path, shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
-                 squeezable: Callable[[str], bool] = lambda key: False) -> None:
-    """Raise WeightsError for the first tensor of `path` the module lacks, whose shape differs (up to dims of 1
-    where `squeezable`), or that the module needs and the file lacks."""
-    drop = lambda s: tuple(d for d in s if d != 1)  # noqa: E731  (a (1, dim) token may be stored as (dim,))
-    for key, shape in shapes.items():
-        if key not in expected:
-            raise WeightsError(f"{path.name}: unexpected tensor '{key}' (not part of the configured model)")
-        if tuple(shape) != expected[key] and not (squeezable(key) and drop(shape) == drop(expected[key])):
-            raise WeightsError(f"{path.name}: tensor '{key}' has shape {list(shape)}, expected {list(expected[key])}")
-    missing = [k for k in expected if k not in shapes]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise WeightsError(f"{path.name}: tensor '{missing[0]}'{more} missing from the file")
+def is_scaled_fp8(header: dict[str, tuple[Path, TensorInfo]]) -> bool:
+    """Whether a safetensors header holds float8 weights (a ComfyUI fp8 file)."""
+    return any(info.dtype.startswith("F8") and len(info.shape) == 2 for _, info in header.values())
 
 
 def load_gguf(module: nn.Module, path: Path, pieces: dict[str, Piece], dtype: torch.dtype,

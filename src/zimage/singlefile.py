@@ -25,6 +25,8 @@ TEXT_ENCODER_PREFIXES = ("model.",)  # Qwen3ForCausalLM's, absent in files writt
 TRANSFORMER_HEADS = {"x_embedder.": "all_x_embedder.2-1.", "final_layer.": "all_final_layer.2-1."}
 TRANSFORMER_PARTS = {".attention.out.": ".attention.to_out.0.", ".attention.q_norm.": ".attention.norm_q.",
                      ".attention.k_norm.": ".attention.norm_k."}
+# the scales and markers of ComfyUI fp8 files: read with their weights by quant.read_scaled_fp8, never on their own
+FP8_EXTRAS = {"scaled_fp8", "scale_weight", "weight_scale", "scale_input", "input_scale", "comfy_quant"}
 TRANSFORMER_SKIPPED = {"norm_final.weight"}  # in original checkpoints but unused by the model (diffusers drops it too)
 QKV = ".attention.qkv."
 
@@ -46,7 +48,7 @@ def transformer_pieces_of(name: str) -> dict[str, Piece]:
     `model.diffusion_model.` or `diffusion_model.`) or in diffusers' names. A fused `attention.qkv.weight` gives
     three pieces, q, k and v in that order along dim 0. Unused tensors give none."""
     key = strip_prefix(name, TRANSFORMER_PREFIXES)
-    if key in TRANSFORMER_SKIPPED:
+    if key in TRANSFORMER_SKIPPED or key.rsplit(".", 1)[-1] in FP8_EXTRAS:
         return {}
     for old, new in TRANSFORMER_HEADS.items():
         if key.startswith(old):
@@ -63,7 +65,7 @@ def text_encoder_pieces_of(name: str) -> dict[str, Piece]:
     """Our (Qwen3Model) key for one tensor of a Qwen3 file as ComfyUI ships it, with or without `model.`; the
     language-model head (tied to the embeddings in Qwen3-4B) is not used."""
     key = strip_prefix(name, TEXT_ENCODER_PREFIXES)
-    return {} if key.startswith("lm_head.") else {key: Piece(name)}
+    return {} if key.startswith("lm_head.") or key.rsplit(".", 1)[-1] in FP8_EXTRAS else {key: Piece(name)}
 
 
 BFL_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, Qwen3Model
 
 from .modelfiles import ModelFiles, component
-from .weights import expected_shapes, load_pieces, match_pieces
+from .weights import Patch, expected_shapes, load_pieces, match_pieces
 
 log = logging.getLogger("zimage")
 
@@ -42,10 +42,11 @@ class TextEncoder:
 
     @classmethod
     def load(cls, source: ModelFiles | Path, device: torch.device, dtype: torch.dtype,
-             quantize: str = "none") -> "TextEncoder":
+             quantize: str = "none", patch: Patch | None = None) -> "TextEncoder":
         """Qwen3 from a checkpoint folder or the ModelFiles of a run (a single file with or without `model.`, a
         llama.cpp GGUF kept quantized), with the tokenizer of the folder or of `--tokenizer`; its linear weights
-        quantized to `quantize` (int8, fp8) while loading unless none."""
+        quantized to `quantize` (int8, fp8) while loading unless none; `patch` edits weights as they load, before
+        any quantization (see weights.read_pieces)."""
         files = ModelFiles.of(source)
         comp = component(files, "text_encoder")
         with torch.device("meta"):  # the whole model's shapes are checked, the last layer included
@@ -56,12 +57,13 @@ class TextEncoder:
             model = Qwen3Model(cfg)
         model.norm = nn.Identity()
         used = expected_shapes(model)
-        if quantize == "none" and comp.where.suffix.lower() != ".gguf":
-            load_pieces(model, comp.header, {k: p for k, p in comp.pieces.items() if k in used}, dtype, device)
-        else:
-            from .quant import describe, load_weights_of
+        from .quant import describe, is_scaled_fp8, load_weights_of
 
-            load_weights_of(model, comp, dtype, device, quantize)
+        if quantize == "none" and comp.where.suffix.lower() != ".gguf" and not is_scaled_fp8(comp.header):
+            load_pieces(model, comp.header, {k: p for k, p in comp.pieces.items() if k in used}, dtype, device,
+                        patch)
+        else:
+            load_weights_of(model, comp, dtype, device, quantize, patch)
             log.info("text encoder: %s", describe(model))
         model.rotary_emb = type(model.rotary_emb)(config=cfg).to(device)  # its buffers were left on meta
         tokenizer = AutoTokenizer.from_pretrained(str(files.tokenizer_dir()))

@@ -207,10 +207,12 @@ def match_keys(
 
 
 READ_GROUP_BYTES = 512 * 2**20
+Patch = Callable[[str, torch.Tensor], torch.Tensor]  # module key, tensor as read -> tensor to load
 
 
-def read_groups(header: dict[str, tuple[Path, TensorInfo]], mapping: dict[str, str]) -> list[tuple[Path, list[str]]]:
-    """Module keys grouped by file into runs of at most READ_GROUP_BYTES on disk.
+def read_groups(header: dict[str, tuple[Path, TensorInfo]], mapping: dict[str, str],
+                limit: int = READ_GROUP_BYTES) -> list[tuple[Path, list[str]]]:
+    """Module keys grouped by file into runs of at most `limit` bytes on disk.
 
     Each group is read through its own memory map: closing it unmaps the pages read, which would otherwise stay
     resident until the whole file is done (24.6 GB for the published float32 transformer).
@@ -219,7 +221,7 @@ def read_groups(header: dict[str, tuple[Path, TensorInfo]], mapping: dict[str, s
     size = 0
     for key in sorted(mapping, key=lambda k: str(header[mapping[k]][0])):
         path, info = header[mapping[key]]
-        if not groups or groups[-1][0] != path or size + info.nbytes > READ_GROUP_BYTES:
+        if not groups or groups[-1][0] != path or size + info.nbytes > limit:
             groups.append((path, []))
             size = 0
         groups[-1][1].append(key)
@@ -233,12 +235,14 @@ def read_weights(
     stem: str,
     convert: Callable[[str, torch.Tensor], object],
     rename: Callable[[str], str | None] = lambda k: k,
+    patch: Patch | None = None,
 ) -> dict[str, object]:
     """Every tensor of a component folder matched to `module`'s keys and passed through `convert(key, tensor)`
-    as soon as it is read, so that only converted tensors (cast, quantized) are ever held together."""
+    as soon as it is read, so that only converted tensors (cast, quantized) are ever held together; `patch` as in
+    read_pieces."""
     header = checkpoint_header(folder, stem)
     mapping = match_keys(header, expected_shapes(module), rename, folder)
-    return read_pieces(header, {key: Piece(name) for key, name in mapping.items()}, convert)
+    return read_pieces(header, {key: Piece(name) for key, name in mapping.items()}, convert, patch)
 
 
 def load_weights(
@@ -248,15 +252,17 @@ def load_weights(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     rename: Callable[[str], str | None] = lambda k: k,
+    patch: Patch | None = None,
 ) -> nn.Module:
     """Fill a module built on the meta device from a component folder, one tensor at a time.
 
     Each tensor is read from the memory-mapped file and converted straight to `dtype` on `device`, so no
-    full-precision copy of the model ever exists. `rename` maps checkpoint keys to module keys (None skips).
+    full-precision copy of the model ever exists. `rename` maps checkpoint keys to module keys (None skips);
+    `patch` as in read_pieces.
     """
     header = checkpoint_header(folder, stem)
     mapping = match_keys(header, expected_shapes(module), rename, folder)
-    return load_pieces(module, header, {key: Piece(name) for key, name in mapping.items()}, dtype, device)
+    return load_pieces(module, header, {key: Piece(name) for key, name in mapping.items()}, dtype, device, patch)
 
 
 def read_piece(f, piece: Piece) -> torch.Tensor:
@@ -274,15 +280,25 @@ def read_pieces(
     header: dict[str, tuple[Path, TensorInfo]],
     pieces: dict[str, Piece],
     convert: Callable[[str, torch.Tensor], object],
+    patch: Patch | None = None,
 ) -> dict[str, object]:
     """Checked `pieces` (see match_pieces) read one tensor at a time, each passed through `convert(key, tensor)`
-    before the next is read."""
+    before the next is read.
+
+    `patch(module_key, tensor)`, when given, sees each floating tensor as read (before `convert`) and returns the
+    tensor to convert; a patch that changes a tensor works in float32 (LoRA merging does), and may change it in
+    place (it is the loader's private copy-on-write view of the file)."""
     state: dict[str, object] = {}
-    for path, keys in read_groups(header, {key: p.name for key, p in pieces.items()}):
+    # every tensor of a group keeps the group's whole mapping alive, with the pages a patch read: patched loads map
+    # each tensor on its own, so the pages of a replaced tensor leave memory with it
+    for path, keys in read_groups(header, {key: p.name for key, p in pieces.items()},
+                                  0 if patch else READ_GROUP_BYTES):
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in keys:
                     t = read_piece(f, pieces[key])
+                    if patch is not None and t.is_floating_point():
+                        t = patch(key, t)
                     state[key] = convert(key, t)
                     del t
         except Exception as e:
@@ -298,13 +314,14 @@ def load_pieces(
     pieces: dict[str, Piece],
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
+    patch: Patch | None = None,
 ) -> nn.Module:
     """Fill a module built on the meta device with checked `pieces` (see match_pieces), one tensor at a time,
-    each converted straight to `dtype` on `device`."""
+    each converted straight to `dtype` on `device` (after `patch`, as in read_pieces)."""
     def convert(key: str, t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
-    state = read_pieces(header, pieces, convert)
+    state = read_pieces(header, pieces, convert, patch)
     module.load_state_dict(state, strict=True, assign=True)
     return module.requires_grad_(False).eval()
 
