@@ -2,6 +2,7 @@
 """zimage against the reference (diffusers ZImagePipeline) on the same checkpoint, seed, size and dtype.
 
     .venv/bin/python scripts/bench.py CONFIG [--dtype float32|bfloat16] [--width W --height H] [--steps N]
+                                             [--img2img STRENGTH]
                                              [--device cpu|cuda] [--compile] [--offload MODE] [--only IMPL]
 
 CONFIG is tiny, mid or full (random checkpoints in bench-cache/CONFIG, written by scripts/make_checkpoint.py
@@ -79,7 +80,8 @@ def run_zimage(a) -> dict:
     extra = {"vae_dtype": getattr(torch, a.vae_dtype)} if a.vae_dtype else {}
     extra.update(quantize=a.quantize, quantize_text_encoder=a.quantize_text_encoder)
     opts = Options(model, device, dtype, offload=a.offload, compile=a.compile, progress=False, **extra)
-    settings = Settings(prompt=a.prompt, width=a.width, height=a.height, num_steps=a.steps, seed=a.seed)
+    picture = {"init_image": a.init_image, "strength": a.img2img} if a.img2img else {}
+    settings = Settings(prompt=a.prompt, width=a.width, height=a.height, num_steps=a.steps, seed=a.seed, **picture)
     job = Job(settings, Path(a.result).with_suffix(".png"), 0, "bench", str(model))
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -97,18 +99,20 @@ def run_zimage(a) -> dict:
         pipe.close()
     t = pipe.timings
     return {"load": t.load, "encode": t.encode, "steps": t.steps, "decode": decode, "end_to_end": end,
-            "tokens": int(feats[a.prompt].shape[0]), "step_faults": faults / len(t.steps), "image": image}
+            "tokens": int(feats[a.prompt].shape[0]), "step_faults": faults / len(t.steps), "image": image,
+            **({"vae_encode": t.pictures} if a.img2img else {})}
 
 
 def run_reference(a) -> dict:
     torch, device, dtype = child_common(a)
     import numpy as np
-    from diffusers import ZImagePipeline
+    from diffusers import ZImageImg2ImgPipeline, ZImagePipeline
     from diffusers.utils import logging as dlog
+    from PIL import Image
 
     dlog.disable_progress_bar()
     t0 = time.perf_counter()
-    pipe = ZImagePipeline.from_pretrained(a.model_path, dtype=dtype)
+    pipe = (ZImageImg2ImgPipeline if a.img2img else ZImagePipeline).from_pretrained(a.model_path, dtype=dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     sync(device)
@@ -126,10 +130,25 @@ def run_reference(a) -> dict:
             stamps.append(time.perf_counter())
             return {}
 
+        picture, vae_encode = {}, []
+        if a.img2img:  # time the VAE encode of the init image inside the reference's own call
+            encode_fn = pipe.vae.encode
+
+            def timed_encode(*args, **kwargs):
+                te = time.perf_counter()
+                out = encode_fn(*args, **kwargs)
+                sync(device)
+                vae_encode.append(time.perf_counter() - te)
+                return out
+
+            pipe.vae.encode = timed_encode
+            picture = {"image": Image.open(a.init_image).convert("RGB"), "strength": a.img2img}
         f0 = minor_faults()
+        stamps[0] = time.perf_counter()
         latents = pipe(prompt_embeds=prompt_embeds, height=a.height, width=a.width, num_inference_steps=a.steps,
                        guidance_scale=0.0, generator=generator, output_type="latent",
-                       callback_on_step_end=on_step).images
+                       callback_on_step_end=on_step, **picture).images
+        stamps[0] += sum(vae_encode)  # the first step's time starts after the encode
         faults = minor_faults() - f0
         td = time.perf_counter()
         # what ZImagePipeline.__call__ does after its loop when output_type != "latent"
@@ -142,7 +161,8 @@ def run_reference(a) -> dict:
     tokens = int(prompt_embeds[0].shape[0])
     steps = list(np.diff(stamps).tolist())
     return {"load": load, "encode": encode, "steps": steps, "decode": decode, "end_to_end": end, "tokens": tokens,
-            "encoded_tokens": 512, "step_faults": faults / len(steps), "image": image}
+            "encoded_tokens": 512, "step_faults": faults / len(steps), "image": image,
+            **({"vae_encode": sum(vae_encode)} if a.img2img else {})}
 
 
 def child_main(a) -> None:
@@ -254,7 +274,8 @@ def run_child(impl: str, a, model: Path, workdir: Path, run: int = 0) -> dict:
            "--height", str(a.height), "--steps", str(a.steps), "--seed", str(a.seed), "--prompt", a.prompt,
            "--offload", a.offload] + (["--compile"] if a.compile else []) + (
            ["--vae-dtype", a.vae_dtype] if a.vae_dtype else []) + [
-           "--quantize", a.quantize, "--quantize-text-encoder", a.quantize_text_encoder]
+           "--quantize", a.quantize, "--quantize-text-encoder", a.quantize_text_encoder] + (
+           ["--img2img", str(a.img2img), "--init-image", a.init_image] if a.img2img else [])
     if a.cold:
         drop_page_cache()
     wait_quiet(a.quiet_wait)
@@ -316,6 +337,16 @@ def run_child(impl: str, a, model: Path, workdir: Path, run: int = 0) -> dict:
     return {"failed": why, "peak_rss": peak_rss, "wall": wall, "rss_timeline": timeline}
 
 
+def write_init_image(path: Path, width: int, height: int, seed: int) -> None:
+    """A smooth random picture for the image-to-image run (the same for both implementations)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    small = (rng.rand(max(height // 32, 2), max(width // 32, 2), 3) * 255).astype(np.uint8)
+    Image.fromarray(small).resize((width, height), Image.BICUBIC).save(path)
+
+
 def median(v: list[float]) -> float | None:
     v = sorted(v)
     return (v[len(v) // 2] + v[(len(v) - 1) // 2]) / 2 if v else None
@@ -328,8 +359,9 @@ def combine(runs: list[dict]) -> dict:
     if failed:
         return failed[0]
     out = dict(runs[0])
-    for k in ("load", "encode", "decode", "end_to_end"):
-        out[k] = min(r[k] for r in runs)
+    for k in ("load", "encode", "decode", "end_to_end", "vae_encode"):
+        if k in out:
+            out[k] = min(r[k] for r in runs)
     out["step_median"] = min(median(r["steps"]) for r in runs)
     out["step_mean"] = min(sum(r["steps"]) / len(r["steps"]) for r in runs)
     out["all_steps"] = [r["steps"] for r in runs]
@@ -351,6 +383,7 @@ def table(results: dict[str, dict], cuda: bool) -> str:
             ("load + encode s", lambda r: r["load"] + r["encode"] if "load" in r else None),
             ("s/step (median)", lambda r: r.get("step_median")), ("s/step (mean)", lambda r: r.get("step_mean")),
             ("decode s", lambda r: r.get("decode")),
+            ("img2img: VAE encode s", lambda r: r.get("vae_encode")),
             ("end-to-end s", lambda r: r.get("end_to_end")),
             ("peak RSS GiB", lambda r: r["peak_rss"] / GiB if r.get("peak_rss") else None)]
     if cuda:
@@ -363,6 +396,8 @@ def table(results: dict[str, dict], cuda: bool) -> str:
         zv = None if z.get("failed") and name != "peak RSS GiB" else zv
         rv = get(ref) if ref else None
         rv = None if ref.get("failed") and name != "peak RSS GiB" else rv
+        if name.startswith("img2img") and zv is None and rv is None:
+            continue  # not an image-to-image run
         ratio = zv / rv if zv is not None and rv else None
         zs, rs = fmt(zv), fmt(rv)
         if ref.get("failed") and name == "peak RSS GiB" and rv is not None:
@@ -383,6 +418,9 @@ def parent_main(a) -> int:
     load_before = os.getloadavg()[0]
     impls = [a.only] if a.only else list(IMPLS)
     with tempfile.TemporaryDirectory(prefix="zimage-bench-") as tmp:
+        if a.img2img:
+            a.init_image = str(Path(tmp) / "init.png")
+            write_init_image(Path(a.init_image), a.width, a.height, a.seed)
         runs: dict[str, list[dict]] = {impl: [] for impl in impls}
         for i in range(a.repeat):  # alternate the implementations so slow spells of the machine hit both
             for impl in impls:
@@ -414,6 +452,7 @@ def parent_main(a) -> int:
           + (f", zimage child environment {' '.join(a.zimage_env)}" if a.zimage_env else "")
           + (", page cache dropped before each run (cold loads)" if a.cold else "" if warmed
              else ", checkpoint larger than the page cache (loads read from disk)")
+          + (f", image-to-image at strength {a.img2img} from a {a.width}x{a.height} picture" if a.img2img else "")
           + (f"; best of {a.repeat} alternating runs per phase" if a.repeat > 1 else ""))
     print(f"zimage code: {code}")
     print(f"prompt: {a.prompt!r}")
@@ -480,6 +519,9 @@ def main() -> int:
     ap.add_argument("--quantize-text-encoder", default="none", choices=("none", "int8", "fp8"),
                     help="zimage: the same for the text encoder")
     ap.add_argument("--only", choices=IMPLS, help="run one implementation only")
+    ap.add_argument("--img2img", type=float, metavar="STRENGTH",
+                    help="image-to-image from a generated picture at this strength; adds a VAE encode row")
+    ap.add_argument("--init-image", help=argparse.SUPPRESS)
     ap.add_argument("--min-free-gib", type=float, default=0.75,
                     help="kill a child when the machine's available memory falls below this (default 0.75)")
     ap.add_argument("--json", help="also write all results to this JSON file")

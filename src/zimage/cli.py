@@ -145,6 +145,25 @@ def generate(
                                help="Image height in pixels, a multiple of 16."),
     seed: Optional[int] = typer.Option(None, "--seed", show_default="random, printed", rich_help_panel=IMAGE,
                                        help="Seed of the first image; image k of a run uses seed + k."),
+    init_image: Optional[Path] = typer.Option(None, "--init-image", metavar="FILE", rich_help_panel=IMAGE,
+                                              help="Start from this picture (image-to-image); the size defaults to "
+                                                   "its own, rounded down to multiples of 16."),
+    strength: Optional[float] = typer.Option(None, "--strength", show_default="0.6; 1.0 with --mask",
+                                             rich_help_panel=IMAGE,
+                                             help="How much of --init-image to repaint, in (0, 1]; runs the last "
+                                                  "strength x steps."),
+    mask: Optional[Path] = typer.Option(None, "--mask", metavar="FILE", rich_help_panel=IMAGE,
+                                        help="Inpainting: repaint the white part of --init-image, keep the black "
+                                             "(any picture; made grey and cut at 50%)."),
+    control_image: Optional[Path] = typer.Option(None, "--control-image", metavar="FILE", rich_help_panel=IMAGE,
+                                                 help="ControlNet condition used as given (edge, depth or pose "
+                                                      "map...); needs --controlnet."),
+    control_scale: float = typer.Option(Settings.control_scale, "--control-scale", rich_help_panel=IMAGE,
+                                        help="Weight of the ControlNet's residuals."),
+    controlnet: Optional[Path] = typer.Option(None, "--controlnet", metavar="PATH", rich_help_panel=IMAGE,
+                                              help="Z-Image ControlNet (Z-Image-Turbo-Fun-ControlNet-Union "
+                                                   "1.0/2.0/2.1): a diffusers folder, or the one .safetensors file "
+                                                   "published."),
     num_steps: int = typer.Option(Settings.num_steps, "--num-steps", rich_help_panel=SAMPLING,
                                   help="Denoising steps (forward passes)."),
     guidance_scale: float = typer.Option(Settings.guidance_scale, "--guidance-scale", rich_help_panel=SAMPLING,
@@ -238,7 +257,11 @@ def generate(
             raise UsageError("torchrun processes cannot share stdin: give --prompts-file a file")
         settings = given(ctx, negative_prompt=negative_prompt, width=width, height=height, num_steps=num_steps,
                          guidance_scale=guidance_scale, cfg_normalization=cfg_normalization,
-                         cfg_truncation=cfg_truncation, seed=seed)
+                         cfg_truncation=cfg_truncation, seed=seed, strength=strength,
+                         control_scale=control_scale,
+                         **{k: None if v is None else str(v.expanduser()) for k, v in dict(
+                             init_image=init_image, mask=mask, control_image=control_image,
+                             controlnet=controlnet).items()})
         try:
             settings["loras"] = tuple(parse_lora(x) for x in lora) or None
         except ValueError as e:

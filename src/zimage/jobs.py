@@ -10,15 +10,17 @@ import string
 import sys
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import UsageError
 from .images import FORMATS
+from .inputs import INPUT_FIELDS, InputImageError, input_metadata, inputs_problem, picture_defaults
 
 MAX_SEED = 2**64 - 1
 DEFAULT_GUIDANCE_WITH_NEGATIVE = 5.0
 JSONL_FIELDS = {"prompt", "negative_prompt", "seed", "width", "height", "num_steps", "guidance_scale", "output",
+                "init_image", "strength", "mask", "control_image", "control_scale",
                 "cfg_normalization", "cfg_truncation", "num_images", "loras"}
 PLACEHOLDERS = {"index", "seed", "prompt"}
 
@@ -83,6 +85,12 @@ class Settings:
     cfg_truncation: float = 1.0
     seed: int = 0
     loras: tuple[LoraRef, ...] = ()
+    init_image: str | None = None  # start from this picture (image-to-image; inpainting with `mask`)
+    strength: float | None = None  # None: the reference's default for the mode (inputs.picture_defaults)
+    mask: str | None = None  # white = repaint, black = keep
+    control_image: str | None = None  # ControlNet condition, used as given
+    control_scale: float = 0.75  # the reference's controlnet_conditioning_scale default
+    controlnet: str | None = None  # ControlNet checkpoint (folder or file)
 
 
 @dataclass(frozen=True)
@@ -105,7 +113,7 @@ class Job:
                 "model": Path(os.path.abspath(self.model)).name, "model_path": os.path.abspath(self.model),
                 "model_path_given": self.model,  # the absolute path re-runs from any folder; as typed, for the record
                 **({"loras": [{"name": Path(r.path).name, "path": r.path, "sha256": r.sha256, "scale": r.scale}
-                              for r in s.loras]} if s.loras else {})}
+                              for r in s.loras]} if s.loras else {}), **input_metadata(s)}
 
 
 def round16(n: int, up: bool) -> int:
@@ -281,13 +289,21 @@ def read_prompts_file(path: str) -> tuple[list[Item], list[tuple[Item, str]]]:
         text = p.read_text(encoding="utf-8-sig")  # utf-8, dropping a byte-order mark that editors may write
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read prompts file {p}: {e}") from None
-    return read_prompt_lines(text, p.name, jsonl=p.suffix.lower() == ".jsonl" or looks_like_jsonl(text),
-                             base=p.parent)
+    items, errors = read_prompt_lines(text, p.name, jsonl=p.suffix.lower() == ".jsonl" or looks_like_jsonl(text),
+                                      base=p.parent)
+    return [relative_to(item, p.parent) for item in items], errors
+
+
+def relative_to(item: Item, folder: Path) -> Item:
+    """The item with its relative picture paths taken as relative to `folder` (the JSONL file's)."""
+    fields = {k: str(folder / v) if k in INPUT_FIELDS and isinstance(v, str) else v for k, v in item.fields.items()}
+    return replace(item, fields=fields)
 
 
 TYPES = {"prompt": str, "negative_prompt": str, "seed": int, "width": int, "height": int, "num_steps": int,
          "guidance_scale": float, "cfg_normalization": float, "cfg_truncation": float, "output": str,
-         "num_images": int}
+         "num_images": int, "init_image": str, "strength": float, "mask": str, "control_image": str,
+         "control_scale": float}
 
 
 def typed(fields: dict, origin: str) -> dict:
@@ -314,7 +330,7 @@ class Plan:
 
 
 def plan_jobs(base: dict, items: list[Item], output: str, num_images: int, model: str, max_side: int,
-              guidance_given: bool) -> Plan:
+              guidance_given: bool, size_given: tuple[bool, bool] = (True, True)) -> Plan:
     """Expand items into jobs: per-item fields over `base` settings. Images are indexed in input order,
     counting only those whose settings can run (bad lines leave no gap); image `index` gets seed
     `seed + index` (`seed + k` within an item that names its own seed) and its file from the output template,
@@ -342,7 +358,12 @@ def plan_jobs(base: dict, items: list[Item], output: str, num_images: int, model
         merged = {**base, **fields}
         if not guidance_given and "guidance_scale" not in fields:
             merged["guidance_scale"] = DEFAULT_GUIDANCE_WITH_NEGATIVE if merged["negative_prompt"] else 0.0
-        if problem := settings_problem(Settings(**merged), max_side):
+        try:
+            merged = picture_defaults(merged, fields, size_given)
+        except InputImageError as e:
+            errors.append((item, f"{item.origin}: {e}"))
+            continue
+        if problem := settings_problem(Settings(**merged), max_side) or inputs_problem(Settings(**merged)):
             errors.append((item, f"{item.origin}: {problem}"))
             continue
         index = len(named)
@@ -372,7 +393,8 @@ def settings_from(meta: dict) -> dict:
     """Settings stored in an image's metadata, as keyword overrides."""
     keys = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "num_steps",
             "guidance": "guidance_scale", "cfg_normalization": "cfg_normalization",
-            "cfg_truncation": "cfg_truncation", "seed": "seed", "width": "width", "height": "height"}
+            "cfg_truncation": "cfg_truncation", "seed": "seed", "width": "width", "height": "height",
+            **{k: k for k in (*INPUT_FIELDS, "strength", "control_scale", "controlnet")}}
     out = {ours: meta[theirs] for theirs, ours in keys.items() if theirs in meta}
     if isinstance(meta.get("loras"), list):
         out["loras"] = tuple(LoraRef(str(r.get("path", "")), float(r.get("scale", 1.0)), str(r.get("sha256", "")))

@@ -24,7 +24,8 @@ from .devices import tune_allocator
 from .modelfiles import ModelFiles, component, scheduler_config
 from .compiling import compile_blocks, uncompile
 from .offload import BlockStreamer, empty_cache
-from .scheduler import Guidance, denoise, get_noise, get_sigmas, model_times
+from .picture import blender, control_latents, latent_mask, start_latents
+from .scheduler import Guidance, denoise, first_step, get_noise, get_sigmas, model_times
 from .text_encoder import TextEncoder
 from .transformer import ZImageTransformer
 from .vae import AutoencoderKL, VAEConfig
@@ -81,6 +82,7 @@ class Timings:
     encode: float = 0.0
     steps: list[float] = field(default_factory=list)
     decode: float = 0.0
+    pictures: float = 0.0  # VAE encoding of init, mask-area and control images
 
 
 def load_transformer(source: ModelFiles | Path, device: torch.device, dtype: torch.dtype,
@@ -135,7 +137,8 @@ def batches(jobs: list[Job], size: int) -> list[list[Job]]:
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
         s = job.settings
-        key = (s.width, s.height, s.num_steps, s.guidance_scale, s.cfg_normalization, s.cfg_truncation)
+        key = (s.width, s.height, s.num_steps, s.guidance_scale, s.cfg_normalization, s.cfg_truncation,
+               s.init_image is None, s.strength, s.mask is None, s.control_image is None, s.control_scale)
         groups.setdefault(key, []).append(job)
     return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
 
@@ -173,6 +176,9 @@ class Pipeline:
         self.transformer: ZImageTransformer | None = None
         self.vae: AutoencoderKL | None = None
         self.streamer: BlockStreamer | None = None
+        self.controlnet = None  # loaded with the transformer when a job has a control image
+        self.controlnet_path: str | None = None
+        self.controlnet_streamer: BlockStreamer | None = None
 
     @property
     def compute_device(self) -> torch.device:
@@ -225,6 +231,8 @@ class Pipeline:
             compile_blocks(self.blocks)
         if self.vae is None:
             self.vae = load_vae(self.opts.sources, self.storage_device, self.opts.vae_dtype, self.opts.dtype)
+        if self.controlnet_path:
+            self.load_controlnet()
         self.timings.load += time.perf_counter() - t0
         log.info("transformer and VAE loaded in %.1fs", time.perf_counter() - t0)
 
@@ -233,13 +241,22 @@ class Pipeline:
         t = self.transformer
         return [*t.noise_refiner, *t.context_refiner, *t.layers] if t is not None else []
 
+    def load_controlnet(self) -> None:
+        from .controlnet import load_controlnet
+
+        self.controlnet = load_controlnet(Path(self.controlnet_path), self.transformer.cfg, self.storage_device,
+                                          self.opts.dtype)
+        if self.opts.offload == "sequential":
+            self.controlnet_streamer = BlockStreamer(self.controlnet, self.controlnet.blocks, self.compute_device)
+
     def release_transformer(self) -> None:
         # hooks and compiled forwards hold their blocks in cycles: undo both, so reference counting frees them
-        if self.streamer is not None:
-            self.streamer.remove()
+        for streamer in (self.streamer, self.controlnet_streamer):
+            if streamer is not None:
+                streamer.remove()
         uncompile(self.blocks)
-        released = [weakref.ref(m) for m in [self.transformer, *self.blocks] if m is not None]
-        self.transformer = self.streamer = None
+        released = [weakref.ref(m) for m in [self.transformer, self.controlnet, *self.blocks] if m is not None]
+        self.transformer = self.streamer = self.controlnet = self.controlnet_streamer = None
         free_memory(released, self.compute_device)
 
     def close(self) -> None:
@@ -259,9 +276,16 @@ class Pipeline:
         guidance = Guidance(s.guidance_scale, s.cfg_normalization, s.cfg_truncation)
         caps = [feats[j.settings.prompt].to(device) for j in batch]
         neg = [feats[j.settings.negative_prompt].to(device) for j in batch] if guidance.scale > 0 else None
+        blend = None
+        if s.init_image and not s.control_image:
+            noise, sigmas, times, blend = self.picture_start(batch, sigmas, times)
+        if s.control_image:
+            model = self.controlled(batch)
         if self.opts.offload == "model":
-            model.to(device)
-        bar = tqdm(total=s.num_steps, desc=f"{len(batch)}x {s.width}x{s.height}", unit="step",
+            self.transformer.to(device)
+            if self.controlnet is not None:
+                self.controlnet.to(device)
+        bar = tqdm(total=len(times), desc=f"{len(batch)}x {s.width}x{s.height}", unit="step",
                    disable=not self.opts.progress, leave=False)
         last = [time.perf_counter()]
 
@@ -274,12 +298,58 @@ class Pipeline:
             bar.update()
 
         try:
-            return denoise(model, noise, sigmas, times, caps, neg, guidance, on_step)
+            return denoise(model, noise, sigmas, times, caps, neg, guidance, on_step, blend)
         finally:
             bar.close()
             if self.opts.offload == "model":
-                model.to("cpu")
+                self.transformer.to("cpu")
+                if self.controlnet is not None:
+                    self.controlnet.to("cpu")
                 empty_cache(device)
+
+    def picture_start(self, batch: list[Job], sigmas: torch.Tensor, times: torch.Tensor) -> tuple:
+        """Image-to-image and inpainting: the start latents, the part of the schedule that runs, and the blend
+        after each step (inpainting; else None), as the reference's pipelines make them."""
+        s, device, c = batch[0].settings, self.compute_device, self.transformer.cfg.in_channels
+        start = first_step(s.num_steps, s.strength)
+        sigmas, times = sigmas[start:], times[start:]
+        t0 = time.perf_counter()
+        with self.vae_on_device():
+            parts = [start_latents(self.vae, j.settings.init_image, j.settings.seed, s.width, s.height, sigmas[0], c,
+                                   device) for j in batch]
+        latents, noise, image = (torch.cat(p) for p in zip(*parts))
+        blend = None
+        if s.mask:
+            masks = torch.cat([latent_mask(j.settings.mask, s.width, s.height, latents.shape[-2:], device)
+                               for j in batch])
+            blend = blender(image, noise, masks, sigmas)
+        self.timings.pictures += time.perf_counter() - t0
+        return latents, sigmas, times, blend
+
+    def controlled(self, batch: list[Job]):
+        """The transformer steered by the ControlNet with the batch's control images (and, for ControlNet
+        inpainting, their masks and init images) as the reference's ControlNet pipelines encode them."""
+        from .controlnet import Controlled
+
+        s, device = batch[0].settings, self.compute_device
+        t0 = time.perf_counter()
+        with self.vae_on_device():
+            context = torch.cat([control_latents(self.vae, j.settings.control_image, s.width, s.height,
+                                                 self.controlnet.cfg.control_in_dim, device, j.settings.init_image,
+                                                 j.settings.mask) for j in batch])
+        self.timings.pictures += time.perf_counter() - t0
+        return Controlled(self.transformer, self.controlnet, context, s.control_scale)
+
+    @contextmanager
+    def vae_on_device(self):
+        if self.opts.offload != "none":
+            self.vae.to(self.compute_device)
+        try:
+            yield
+        finally:
+            if self.opts.offload != "none":
+                self.vae.to("cpu")
+                empty_cache(self.compute_device)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -298,6 +368,7 @@ class Pipeline:
         """Make every job's image and write it to `job.output`, calling `on_image(job, seconds)` after each write
         and `on_error(job, message)` when a file cannot be written."""
         what = "loading the models"
+        self.controlnet_path = next((j.settings.controlnet for j in jobs if j.settings.control_image), None)
         try:
             groups = lora_groups(jobs, self.opts.sources)
             wanted: dict[tuple, tuple[LoraSet | None, list[str]]] = {}  # text-encoder LoRA set -> its prompts

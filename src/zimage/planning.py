@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from .errors import MissingFileError, UsageError
+from .inputs import recorded_inputs_problem
 from .jobs import (Item, Job, Settings, check_template, output_problem, plan_jobs, read_prompts_file, settings_from,
                    settings_problem)
 from .layout import DEFAULT_MODEL, missing_hint, require_folder
@@ -48,6 +49,8 @@ def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path
     (transformer, text_encoder, vae, tokenizer; None = not given)."""
     from_png = from_png.expanduser() if from_png else None
     base, meta = base_settings(from_png, **given)
+    if problem := recorded_inputs_problem(meta, given):
+        raise UsageError(problem)
     random_seed = None
     if given["seed"] is None and "seed" not in meta:
         base["seed"] = random_seed = secrets.randbits(32)
@@ -105,10 +108,16 @@ def plan(prompt: list[str], prompts_file: Optional[str], from_png: Optional[Path
         read_config(SchedulerConfig.from_json, model / "scheduler" / "scheduler_config.json")
     max_side = tcfg.max_image_side * vcfg.scale_factor
     guidance_given = given["guidance_scale"] is not None or "guidance_scale" in settings_from(meta)
-    result = plan_jobs(base, items, output, num_images, str(model), max_side, guidance_given)
+    size_given = (given["width"] is not None or "width" in meta, given["height"] is not None or "height" in meta)
+    result = plan_jobs(base, items, output, num_images, str(model), max_side, guidance_given, size_given)
     cli_errors = [m for item, m in result.errors if item.from_cli]
     if cli_errors:
         raise UsageError(cli_errors[0])
+    if any(j.settings.control_image for j in result.jobs):
+        from .controlnet import controlnet_problem
+
+        if problem := controlnet_problem(Path(base["controlnet"]), tcfg, any(j.settings.mask for j in result.jobs)):
+            raise UsageError(problem)
     if sources is None:
         from .modelfiles import ModelFiles
 

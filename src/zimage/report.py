@@ -8,6 +8,7 @@ import logging
 
 import typer
 
+from .inputs import steps_run
 from .jobs import Job
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -23,6 +24,8 @@ def record(job: Job, seconds: float | None = None) -> dict:
     s = job.settings
     r = {"index": job.index, "path": str(job.output), "prompt": s.prompt, "seed": s.seed, "width": s.width,
          "height": s.height, "steps": s.num_steps, "guidance": s.guidance_scale}
+    if steps_run(s) != s.num_steps:  # started from a picture: the first steps were skipped
+        r["steps_run"] = steps_run(s)
     return {**r, "seconds": round(seconds, 3)} if seconds is not None else {**r, "skipped": True}
 
 
@@ -30,7 +33,9 @@ def summarize(records: list[dict], failed: int, elapsed: float, processes: int =
     """The end-of-run line on stderr (not with -q): the file of a single image, or the counts of a batch."""
     written = [r for r in records if not r.get("skipped")]
     if len(records) == 1 and written and not failed:
-        log.info("Saved %s (seed %d, %.1fs)", written[0]["path"], written[0]["seed"], elapsed)
+        r = written[0]
+        steps = f"{r['steps_run']} of {r['steps']} steps, " if "steps_run" in r else ""
+        log.info("Saved %s (seed %d, %s%.1fs)", r["path"], r["seed"], steps, elapsed)
         return
     by = f" by {processes} processes" if processes > 1 else ""
     log.info("%d image(s) written, %d skipped, %d failed%s, in %.1fs", len(written), len(records) - len(written),

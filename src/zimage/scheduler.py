@@ -83,6 +83,24 @@ def model_times(cfg: SchedulerConfig, sigmas: Tensor) -> Tensor:
     return (cfg.num_train_timesteps - timesteps) / cfg.num_train_timesteps
 
 
+def first_step(num_steps: int, strength: float) -> int:
+    """Index of the first step run when starting from a picture at `strength` in (0, 1]: the reference skips the
+    first int(N - min(N * strength, N)) steps of the N-step schedule."""
+    return int(max(num_steps - min(num_steps * strength, num_steps), 0))
+
+
+def scale_noise(latents: Tensor, sigma: Tensor, noise: Tensor) -> Tensor:
+    """Clean latents moved to noise level `sigma` (a float32 scalar tensor) along the flow: the reference's
+    FlowMatchEulerDiscreteScheduler.scale_noise."""
+    return sigma * noise + (1.0 - sigma) * latents
+
+
+def inpaint_blend(latents: Tensor, image_latents: Tensor, noise: Tensor, mask: Tensor, sigma: Tensor) -> Tensor:
+    """Latents after a step, with the kept region (mask 0) put back on the init image's path at noise level
+    `sigma` (the next step's; 0 after the last step gives the image's latents exactly), as the reference does."""
+    return (1 - mask) * scale_noise(image_latents, sigma, noise) + mask * latents
+
+
 @dataclass(frozen=True)
 class Guidance:
     """Classifier-free guidance settings. Off when `scale` is 0."""
@@ -119,11 +137,14 @@ def denoise(
     neg_caps: list[Tensor] | None,
     guidance: Guidance,
     on_step: Callable[[int], None] | None = None,
+    blend: Callable[[int, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Run the Euler steps from sigmas[0] to sigmas[-1]; latents stay float32 on their device.
 
     `model(x, t, caps)` returns the transformer output; the velocity is its negative. With guidance on,
-    positive and negative captions run in one batch of 2B.
+    positive and negative captions run in one batch of 2B. To start from a picture, pass the tail of the
+    schedule and noised picture latents; `blend(i, latents)`, when given, rewrites the latents after step i
+    (inpainting).
     """
     b = latents.shape[0]
     for i in range(len(sigmas) - 1):
@@ -137,6 +158,8 @@ def denoise(
         else:
             v = -model(x, t_batch, caps).float()
         latents = latents + (sigmas[i + 1] - sigmas[i]).item() * v
+        if blend is not None:
+            latents = blend(i, latents)
         if not torch.isfinite(latents).all():
             raise NonFiniteLatents(i)
         if on_step is not None:

@@ -299,8 +299,9 @@ class ZImageTransformer(nn.Module):
         lengths = [len(c) for c in caps]
         return nn.utils.rnn.pad_sequence(caps, batch_first=True), lengths
 
-    def forward(self, x: Tensor, t: Tensor, cap_feats: list[Tensor]) -> Tensor:
-        """x (B, C, H, W) latents, t (B,) model time in [0, 1] (1 = clean), one (L_i, cap_feat_dim) caption per item.
+    def forward(self, x: Tensor, t: Tensor, cap_feats: list[Tensor], control: dict[int, Tensor] | None = None) -> Tensor:
+        """x (B, C, H, W) latents, t (B,) model time in [0, 1] (1 = clean), one (L_i, cap_feat_dim) caption per item;
+        `control`: ControlNet residuals added to the joint sequence after the main layers they are keyed by.
 
         Returns the model output (B, C, H, W) in the model's dtype; the flow velocity is its negative.
         """
@@ -323,8 +324,10 @@ class ZImageTransformer(nn.Module):
         n_img = img.shape[1]
         seq = torch.cat([img, cap], dim=1)
         mask = batch_mask([n_img + n for n in cap_lens], seq.shape[1], x.device)
-        for block in self.layers:
+        for i, block in enumerate(self.layers):
             seq = block(seq, rope, mask, t_emb)
+            if control is not None and i in control:
+                seq = seq + control[i]
 
         out = self.all_final_layer[cfg.patch_key](seq[:, : gh * gw], t_emb)
         return unpatchify(out, gh, gw, p, c)

@@ -252,10 +252,13 @@ class AutoencoderKL(nn.Module):
         return decode_tiles(self.decoder.upsample, h, norms, tile, overlap, self.cfg.scale_factor,
                             self.cfg.out_channels)
 
-    def encode(self, images: Tensor) -> Tensor:
-        """Encode images in [-1, 1] to sampler latents (posterior mean, scaled and shifted per the config)."""
+    def encode(self, images: Tensor, noise: Tensor | None = None) -> Tensor:
+        """Encode images in [-1, 1] to sampler latents (scaled and shifted per the config): the posterior mean, or
+        with `noise` (standard normal, the latents' shape) a sample of the posterior, mean + std * noise."""
         moments = self.encoder(images.to(self.dtype))
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
-        mean = moments[:, : self.cfg.latent_channels]
-        return ((mean - self.cfg.shift_factor) * self.cfg.scaling_factor).float()
+        mean, logvar = moments.float().chunk(2, dim=1)
+        if noise is not None:  # the reference's DiagonalGaussianDistribution.sample
+            mean = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise.to(mean.device)
+        return (mean - self.cfg.shift_factor) * self.cfg.scaling_factor
