@@ -7,9 +7,11 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+if TYPE_CHECKING:  # numpy and PIL load only when a picture is read: planning a run and --help stay light
+    import numpy as np
+    from PIL import Image
 
 log = logging.getLogger("zimage")
 
@@ -39,6 +41,8 @@ def image_size(path: Path, what: str) -> tuple[int, int]:
 
 
 def _open(path: Path, what: str) -> Image.Image:
+    from PIL import Image, UnidentifiedImageError
+
     if not path.is_file():
         raise InputImageError(f"{what} {path} not found" if not path.exists() else f"{what} {path} is not a file")
     try:
@@ -51,6 +55,9 @@ def _open(path: Path, what: str) -> Image.Image:
 
 def _eight_bit(im: Image.Image) -> Image.Image:
     """16- and 32-bit single-channel pictures scaled to 8 bits (PIL's convert would clip them to white)."""
+    import numpy as np
+    from PIL import Image
+
     a = np.asarray(im)
     if im.mode == "F":
         a = a * 255.0 if a.size and float(a.max()) <= 1.0 else a  # float pictures usually hold 0..1
@@ -62,6 +69,8 @@ def _eight_bit(im: Image.Image) -> Image.Image:
 def load_rgb(path: Path, what: str) -> Image.Image:
     """The picture as 8-bit RGB, as diffusers' `load_image` gives it: EXIF rotation applied, first frame of an
     animation, alpha dropped, palette/CMYK/16-bit converted."""
+    from PIL import ImageOps
+
     with _open(path, what) as im:
         try:
             im.seek(0)
@@ -76,11 +85,15 @@ def load_rgb(path: Path, what: str) -> Image.Image:
 
 def resized(im: Image.Image, width: int, height: int) -> Image.Image:
     """Resized with Lanczos as the reference's image processor does (a no-op at the same size)."""
+    from PIL import Image
+
     return im if im.size == (width, height) else im.resize((width, height), resample=Image.LANCZOS)
 
 
 def image_array(im: Image.Image, width: int, height: int) -> np.ndarray:
     """(1, 3, height, width) float32 in [-1, 1]: the reference's preprocess of an RGB picture."""
+    import numpy as np
+
     a = np.asarray(resized(im, width, height)).astype(np.float32) / 255.0
     return (a.transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)
 
@@ -88,6 +101,8 @@ def image_array(im: Image.Image, width: int, height: int) -> np.ndarray:
 def mask_array(im: Image.Image, width: int, height: int) -> np.ndarray:
     """(1, 1, height, width) float32 of 0 (keep) and 1 (repaint): resized, made grey, binarized at 0.5, as the
     reference's mask processor does (a soft mask becomes a hard one there too)."""
+    import numpy as np
+
     a = np.asarray(resized(im, width, height).convert("L")).astype(np.float32) / 255.0
     return (a >= 0.5).astype(np.float32)[None, None]
 
