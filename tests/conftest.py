@@ -46,3 +46,35 @@ def tiny(checkpoints) -> Path:
 def fresh_tiny(tmp_path) -> Path:
     """A private copy of the default tiny checkpoint that a test may damage."""
     return make_tiny(tmp_path / "model", SPECS["single"])
+
+
+@pytest.fixture
+def loads(monkeypatch) -> list[str]:
+    """Records every attempt to load weights, which then fails: usage errors, and runs that only skip, must be
+    settled before any."""
+    import zimage.controlnet
+    import zimage.pipeline
+    import zimage.text_encoder
+    import zimage.weights
+
+    calls: list[str] = []
+
+    def refuse(module, folder, *args, **kwargs):
+        calls.append(str(folder))
+        raise AssertionError(f"weights were loaded from {folder}")
+
+    for mod, name in ((zimage.weights, "load_weights"), (zimage.weights, "load_pieces"),
+                      (zimage.pipeline, "load_pieces"), (zimage.text_encoder, "load_pieces"),
+                      (zimage.controlnet, "load_weights")):
+        monkeypatch.setattr(mod, name, refuse)
+    return calls
+
+
+@pytest.fixture
+def accelerator() -> torch.device:
+    """The GPU of a `cuda`-marked test (scripts/gpu_check.sh runs them): CUDA, else MPS; skipped on the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    pytest.skip("no CUDA or MPS device")

@@ -97,20 +97,6 @@ def out(tmp_path) -> Path:
     return tmp_path / "out"
 
 
-@pytest.fixture
-def loads(monkeypatch) -> list[str]:
-    """Records every attempt to load weights (which then fails): usage errors must be found before any."""
-    calls: list[str] = []
-
-    def refuse(module, folder, *args, **kwargs):
-        calls.append(str(folder))
-        raise AssertionError(f"weights were loaded from {folder}")
-
-    for mod, name in ((zimage.weights, "load_weights"), (zimage.weights, "load_pieces"),
-                      (zimage.pipeline, "load_pieces"), (zimage.text_encoder, "load_pieces")):
-        monkeypatch.setattr(mod, name, refuse)
-    return calls
-
 
 def edit_tensors(path: Path, change) -> None:
     """Rewrite a safetensors file after `change(state)` edits its tensors in place."""

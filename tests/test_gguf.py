@@ -383,18 +383,11 @@ def test_generate_and_check_with_gguf_text_encoder_and_transformer(base96, tmp_p
 
 # ------------------------------------------------------------------------ on a GPU: scripts/gpu_check.sh
 
-def accelerator() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    pytest.skip("no CUDA or MPS device")
-
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("qtype", sorted(SCALE_FIELDS, key=int), ids=lambda q: q.name)
-def test_gpu_dequantization_is_bit_exact(qtype):
-    device = accelerator()
+def test_gpu_dequantization_is_bit_exact(qtype, accelerator):
+    device = accelerator
     raw = random_blocks(qtype, rows=64, blocks_per_row=4, seed=int(qtype))
     expected = torch.from_numpy(quants.dequantize(raw, qtype).copy())
     got = dequantize(torch.from_numpy(raw).to(device), qtype, tuple(expected.shape)).cpu()
@@ -402,8 +395,7 @@ def test_gpu_dequantization_is_bit_exact(qtype):
 
 
 @pytest.mark.cuda
-def test_gpu_gguf_image_matches_cpu(base96, tmp_path):
-    accelerator()
+def test_gpu_gguf_image_matches_cpu(base96, tmp_path, accelerator):
     quantized, _ = gguf_model(base96, tmp_path, mixed_types())
     cpu = image(quantized, tmp_path / "cpu.png", "--cpu", "--dtype", "float32")
     gpu = image(quantized, tmp_path / "gpu.png", "--dtype", "float32", "--offload", "sequential")

@@ -539,13 +539,6 @@ def test_vae_tiling_lets_a_large_image_pass_the_gpu_memory_check(tiny, tmp_path,
 
 # ------------------------------------------------------------------------- on a GPU: scripts/gpu_check.sh
 
-def accelerator() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    pytest.skip("no CUDA or MPS device")
-
 
 def need_cuda() -> torch.device:
     if not torch.cuda.is_available():
@@ -554,8 +547,8 @@ def need_cuda() -> torch.device:
 
 
 @pytest.mark.cuda
-def test_gpu_bfloat16_transformer_matches_cpu_float32(tiny):
-    device = accelerator()
+def test_gpu_bfloat16_transformer_matches_cpu_float32(tiny, accelerator):
+    device = accelerator
     cpu = load_transformer(tiny, CPU, torch.float32)
     gpu = load_transformer(tiny, device, torch.bfloat16)
     x, t, caps = inputs(cpu, 2)
@@ -566,8 +559,8 @@ def test_gpu_bfloat16_transformer_matches_cpu_float32(tiny):
 
 
 @pytest.mark.cuda
-def test_gpu_run_makes_no_float64_or_complex(tiny, tmp_path):
-    device = accelerator()
+def test_gpu_run_makes_no_float64_or_complex(tiny, tmp_path, accelerator):
+    device = accelerator
     spy = DtypeSpy()
     with spy:
         run(Options(tiny, device, torch.bfloat16, vae_tile=24, progress=False),
@@ -628,8 +621,8 @@ def test_gpu_compiled_blocks_match_eager(tiny):
 
 
 @pytest.mark.cuda
-def test_gpu_tiled_decode_matches_cpu(tiny):
-    device = accelerator()
+def test_gpu_tiled_decode_matches_cpu(tiny, accelerator):
+    device = accelerator
     from zimage.pipeline import load_vae
 
     gen = torch.Generator().manual_seed(0)

@@ -44,21 +44,6 @@ def snapshot(root: Path) -> dict[str, str | None]:
             for p in sorted(root.rglob("*"))}
 
 
-@pytest.fixture
-def loads(monkeypatch) -> list[str]:
-    """Records every attempt to load weights: usage errors must be found before any."""
-    calls: list[str] = []
-
-    def refuse(module, folder, *args, **kwargs):
-        calls.append(str(folder))
-        raise AssertionError(f"weights were loaded from {folder}")
-
-    for mod, name in ((zimage.weights, "load_weights"), (zimage.weights, "load_pieces"),
-                      (zimage.pipeline, "load_pieces"), (zimage.text_encoder, "load_pieces"),
-                      (zimage.controlnet, "load_weights")):
-        monkeypatch.setattr(mod, name, refuse)
-    return calls
-
 
 def gradient(w=64, h=48) -> np.ndarray:
     y, x = np.mgrid[0:h, 0:w]

@@ -41,20 +41,6 @@ def records(result) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-@pytest.fixture
-def loads(monkeypatch) -> list[str]:
-    """Every attempt to load weights fails the run: a run that only skips must not make one."""
-    calls: list[str] = []
-
-    def refuse(module, folder, *args, **kwargs):
-        calls.append(str(folder))
-        raise AssertionError(f"weights were loaded from {folder}")
-
-    for mod, name in ((zimage.weights, "load_weights"), (zimage.weights, "load_pieces"),
-                      (zimage.pipeline, "load_pieces"), (zimage.text_encoder, "load_pieces")):
-        monkeypatch.setattr(mod, name, refuse)
-    return calls
-
 
 SOURCES = ["prompt", "file", "stdin"]
 
