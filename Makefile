@@ -32,7 +32,7 @@ demo: setup
 		$(BIN)/zimage generate --model-path "$(MODEL)" --prompt "$(PROMPT)" --output z_image_output.png --overwrite; \
 	else \
 		echo "no weights in $(MODEL): generating with a tiny random checkpoint (noise-like picture)"; \
-		$(BIN)/zimage make-tiny $(TINY) && \
+		{ [ -f $(TINY)/model_index.json ] || $(BIN)/zimage make-tiny $(TINY); } && \
 		$(BIN)/zimage generate --model-path $(TINY) --prompt "$(PROMPT)" --width 256 --height 256 --seed 42 \
 			--output z_image_output.png --overwrite; \
 	fi
