@@ -28,7 +28,7 @@ from zimage.cli import app
 from zimage.lora import LoraSet, model_shapes, read_lora
 from zimage.pipeline import load_transformer
 
-from test_errors import assert_one_line_error, loads, snapshot  # noqa: F401  (loads is a fixture)
+from test_errors import assert_one_line_error, snapshot
 
 PROMPT, SEED, SIZE = "a red fox in the snow", 11, 64
 BLOCKS = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
