@@ -54,7 +54,7 @@ def loads(monkeypatch) -> list[str]:
     settled before any."""
     import zimage.controlnet
     import zimage.pipeline
-    import zimage.text_encoder
+    import zimage.quant
     import zimage.weights
 
     calls: list[str] = []
@@ -64,7 +64,7 @@ def loads(monkeypatch) -> list[str]:
         raise AssertionError(f"weights were loaded from {folder}")
 
     for mod, name in ((zimage.weights, "load_weights"), (zimage.weights, "load_pieces"),
-                      (zimage.pipeline, "load_pieces"), (zimage.text_encoder, "load_pieces"),
+                      (zimage.pipeline, "load_pieces"), (zimage.quant, "load_pieces"),
                       (zimage.controlnet, "load_weights")):
         monkeypatch.setattr(mod, name, refuse)
     return calls

@@ -94,14 +94,9 @@ def load_transformer(source: ModelFiles | Path, device: torch.device, dtype: tor
     with torch.device("meta"):
         model = ZImageTransformer(comp.config)
     match_pieces(comp.header, expected_shapes(model), comp.pieces, comp.configured_by, comp.where)
-    from .quant import describe, is_scaled_fp8, load_weights_of
+    from .quant import load_weights_of
 
-    if quantize == "none" and comp.where.suffix.lower() != ".gguf" and not is_scaled_fp8(comp.header):
-        return load_pieces(model, comp.header, comp.pieces, dtype, device, patch)
-
-    model = load_weights_of(model, comp, dtype, device, quantize, patch)
-    log.info("transformer: %s", describe(model))
-    return model
+    return load_weights_of(model, comp, dtype, device, quantize, patch, "transformer")
 
 
 def load_vae(source: ModelFiles | Path, device: torch.device, dtype: torch.dtype | None = None,
@@ -342,6 +337,7 @@ class Pipeline:
 
     @contextmanager
     def vae_on_device(self):
+        """The VAE on the compute device for the block, back on the CPU after it when offloading."""
         if self.opts.offload != "none":
             self.vae.to(self.compute_device)
         try:
@@ -353,12 +349,8 @@ class Pipeline:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
-        if self.opts.offload != "none":
-            self.vae.to(self.compute_device)
-        images = self.vae.decode(latents, tile=self.opts.vae_tile)
-        if self.opts.offload != "none":
-            self.vae.to("cpu")
-            empty_cache(self.compute_device)
+        with self.vae_on_device():
+            images = self.vae.decode(latents, tile=self.opts.vae_tile)
         self.timings.decode += time.perf_counter() - t0
         return images
 

@@ -7,6 +7,7 @@ parameter names stay the checkpoint's keys and the model code never learns about
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,6 +20,8 @@ from .gguf import by_pieces, dequantize, read_gguf
 from .transformer import linear
 from .weights import (Piece, TensorInfo, WeightsError, expected_shapes, human_bytes, load_pieces,
                       read_pieces)
+
+log = logging.getLogger("zimage")
 
 QUANTIZE = ("none", "int8", "fp8")
 FP8 = torch.float8_e4m3fn
@@ -146,11 +149,20 @@ def load_quantized(module: nn.Module, header: dict[str, tuple[Path, TensorInfo]]
 
 
 def load_weights_of(module: nn.Module, comp, dtype: torch.dtype, device: torch.device,
-                    quantize: str = "none", patch: Callable[[str, Tensor], Tensor] | None = None) -> nn.Module:
+                    quantize: str = "none", patch: Callable[[str, Tensor], Tensor] | None = None,
+                    what: str = "model") -> nn.Module:
     """Fill a meta-device module from a checked modelfiles.Component (only the pieces of keys `module` has): from
     its GGUF or ComfyUI fp8 file kept quantized, quantized to `quantize` while reading, or plainly in `dtype`;
     `patch` (a LoRA merge) changes weights before they are quantized (files stored quantized take none: planning
-    refuses LoRAs for GGUF files, and a scaled-fp8 file is refused here)."""
+    refuses LoRAs for GGUF files, and a scaled-fp8 file is refused here). Quantized layers are logged as `what`."""
+    module = _fill(module, comp, dtype, device, quantize, patch)
+    if any(isinstance(m, QuantLinear) for m in module.modules()):
+        log.info("%s: %s", what, describe(module))
+    return module
+
+
+def _fill(module: nn.Module, comp, dtype: torch.dtype, device: torch.device, quantize: str,
+          patch: Callable[[str, Tensor], Tensor] | None) -> nn.Module:
     used = expected_shapes(module)
     pieces = {k: p for k, p in comp.pieces.items() if k in used}
     if comp.where.suffix.lower() == ".gguf":

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, Qwen3Model
 
 from .modelfiles import ModelFiles, component
-from .weights import Patch, expected_shapes, load_pieces, match_pieces
+from .weights import Patch, expected_shapes, match_pieces
 
 log = logging.getLogger("zimage")
 
@@ -56,15 +56,9 @@ class TextEncoder:
         with torch.device("meta"):
             model = Qwen3Model(cfg)
         model.norm = nn.Identity()
-        used = expected_shapes(model)
-        from .quant import describe, is_scaled_fp8, load_weights_of
+        from .quant import load_weights_of
 
-        if quantize == "none" and comp.where.suffix.lower() != ".gguf" and not is_scaled_fp8(comp.header):
-            load_pieces(model, comp.header, {k: p for k, p in comp.pieces.items() if k in used}, dtype, device,
-                        patch)
-        else:
-            load_weights_of(model, comp, dtype, device, quantize, patch)
-            log.info("text encoder: %s", describe(model))
+        load_weights_of(model, comp, dtype, device, quantize, patch, "text encoder")
         model.rotary_emb = type(model.rotary_emb)(config=cfg).to(device)  # its buffers were left on meta
         tokenizer = AutoTokenizer.from_pretrained(str(files.tokenizer_dir()))
         return cls(model, tokenizer)
