@@ -229,22 +229,6 @@ def read_groups(header: dict[str, tuple[Path, TensorInfo]], mapping: dict[str, s
     return groups
 
 
-def read_weights(
-    module: nn.Module,
-    folder: Path,
-    stem: str,
-    convert: Callable[[str, torch.Tensor], object],
-    rename: Callable[[str], str | None] = lambda k: k,
-    patch: Patch | None = None,
-) -> dict[str, object]:
-    """Every tensor of a component folder matched to `module`'s keys and passed through `convert(key, tensor)`
-    as soon as it is read, so that only converted tensors (cast, quantized) are ever held together; `patch` as in
-    read_pieces."""
-    header = checkpoint_header(folder, stem)
-    mapping = match_keys(header, expected_shapes(module), rename, folder)
-    return read_pieces(header, {key: Piece(name) for key, name in mapping.items()}, convert, patch)
-
-
 def load_weights(
     module: nn.Module,
     folder: Path,
