@@ -35,12 +35,13 @@ sys.path.insert(0, str(ROOT / "src"))
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFWriter, quants  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+import zimage.quant  # noqa: E402
 from zimage.gguf import dequantize, original_transformer_keys  # noqa: E402
 from zimage.pipeline import load_transformer  # noqa: E402
 from zimage.weights import WEIGHT_STEMS, checkpoint_header  # noqa: E402
 
 GGUF_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")  # the ones gguf-py can quantize
-ALL_TYPES = ("bf16", "int8", "fp8", *GGUF_TYPES)
+ALL_TYPES = ("bf16", "int8", "int8w", "fp8", *GGUF_TYPES)  # int8w: int8 weights only (see variant)
 TIMED = ("Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "Q3_K", "Q2_K")
 
 
@@ -96,9 +97,12 @@ def bf16_variant(model: Path, root: Path) -> Path:
 
 
 def variant(model: Path, kind: str, root: Path) -> tuple[Path, str]:
-    """(model folder, --quantize value) that makes a run of this kind."""
+    """(model folder, --quantize value) that makes a run of this kind. int8 multiplies int8 activations where the
+    CPU has VNNI/AMX (zimage.quant.INT8_ACTIVATIONS); int8w keeps the activations in the compute dtype."""
     if kind in ("int8", "fp8"):
         return model, kind
+    if kind == "int8w":
+        return model, "int8"
     if kind == "bf16":
         return bf16_variant(model, root), "none"
     return gguf_variant(model, kind, root), "none"
@@ -116,7 +120,10 @@ def output_error(model: Path, kinds: list[str], root: Path, latent: int) -> dict
     out = {}
     for kind in kinds:
         folder, quantize = variant(model, kind, root)
+        activations = zimage.quant.INT8_ACTIVATIONS
+        zimage.quant.INT8_ACTIVATIONS = None if kind == "int8w" else activations
         y = load_transformer(folder, cpu, torch.float32, quantize)(x, t, caps).double()
+        zimage.quant.INT8_ACTIVATIONS = activations
         out[kind] = ((y - ref).norm() / ref.norm()).item()
         print(f"{kind:>6}: transformer output relative error {out[kind]:.2e}", flush=True)
     return out
@@ -138,8 +145,8 @@ def image_error(model: Path, kinds: list[str], root: Path, size: int, steps: int
     out = {}
     for kind in kinds:
         folder, quantize = variant(model, kind, root)
-        if kind == "fp8":
-            continue  # the run refuses fp8 on the CPU
+        if kind in ("fp8", "int8w"):
+            continue  # the run refuses fp8 on the CPU; int8 runs with int8 activations where the CPU has them
         diff = np.abs(run_image(folder, quantize, root / f"{kind}.png", size, steps) - ref)
         out[kind] = {"mean": float(diff.mean()), "max": int(diff.max())}
         print(f"{kind:>6}: image vs float32: mean |diff| {diff.mean():.2f}, max {diff.max()} (of 255)", flush=True)

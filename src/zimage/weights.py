@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -14,6 +15,7 @@ from torch import nn
 
 from .errors import MissingFileError, WeightsError  # noqa: F401  (defined without torch for the CLI)
 from .layout import DOWNLOAD_HINT  # noqa: F401
+from .prefetch import ReadAhead, tensor_ranges
 
 T = TypeVar("T")
 
@@ -275,21 +277,47 @@ def read_pieces(
     state: dict[str, object] = {}
     # every tensor of a group keeps the group's whole mapping alive, with the pages a patch read: patched loads map
     # each tensor on its own, so the pages of a replaced tensor leave memory with it
-    for path, keys in read_groups(header, {key: p.name for key, p in pieces.items()},
-                                  0 if patch else READ_GROUP_BYTES):
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in keys:
-                    t = read_piece(f, pieces[key])
-                    if patch is not None and t.is_floating_point():
-                        t = patch(key, t)
-                    state[key] = convert(key, t)
-                    del t
-        except Exception as e:
-            if isinstance(e, (torch.OutOfMemoryError, KeyboardInterrupt, WeightsError)):
-                raise
-            raise WeightsError(f"{path} could not be read ({e}); download it again") from None
+    groups = read_groups(header, {key: p.name for key, p in pieces.items()}, 0 if patch else READ_GROUP_BYTES)
+    ahead = ReadAhead(group_ranges(groups, header, pieces))
+    try:
+        for i, (path, keys) in enumerate(groups):
+            ahead.at(i)
+            read_group(f"{path}", keys, pieces, convert, patch, state)
+    finally:
+        ahead.close()
     return state
+
+
+def group_ranges(groups: list[tuple[Path, list[str]]], header: dict[str, tuple[Path, TensorInfo]],
+                 pieces: dict[str, Piece]) -> list[tuple[Path, list[tuple[int, int]]]]:
+    """The byte spans of each group's tensors in its file, in file order (for ReadAhead); none where unknown."""
+    offsets: dict[Path, dict[str, tuple[int, int]]] = {}
+    out = []
+    for path, keys in groups:
+        try:
+            if path not in offsets:
+                offsets[path] = tensor_ranges(path)
+            out.append((path, sorted(offsets[path][pieces[k].name] for k in keys)))
+        except (OSError, ValueError, KeyError, struct.error):
+            out.append((path, []))
+    return out
+
+
+def read_group(path: str, keys: list[str], pieces: dict[str, Piece], convert: Callable[[str, torch.Tensor], object],
+               patch: Patch | None, state: dict[str, object]) -> None:
+    """Read one group's keys from one file into `state` (see read_pieces)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            for key in keys:
+                t = read_piece(f, pieces[key])
+                if patch is not None and t.is_floating_point():
+                    t = patch(key, t)
+                state[key] = convert(key, t)
+                del t
+    except Exception as e:
+        if isinstance(e, (torch.OutOfMemoryError, KeyboardInterrupt, WeightsError)):
+            raise
+        raise WeightsError(f"{path} could not be read ({e}); download it again") from None
 
 
 def load_pieces(
