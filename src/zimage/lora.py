@@ -17,7 +17,8 @@ from torch import Tensor
 
 from . import singlefile
 from .lora_keys import COMPONENTS, Target, aliases, family, locate, split_key
-from .modelfiles import ModelFiles, weights_header
+from .gguf import pieces_of
+from .modelfiles import ModelFiles, gguf_source, weights_header
 from .weights import Piece, WeightsError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
@@ -75,7 +76,10 @@ def model_shapes(source: ModelFiles | Path) -> dict[str, dict[str, tuple[int, ..
     out = {}
     for name in COMPONENTS:
         infos = {n: info for n, (_, info) in weights_header(files, name).items()}
-        if files.file(name) is not None:
+        if gguf_source(files, name) is not None:
+            of = pieces_of(name)
+            found = {k: p for n in infos for k, p in of(n).items()}
+        elif files.file(name) is not None:
             found = singlefile.pieces(name, infos)
         elif name == "text_encoder":
             found = {k: p for n in infos for k, p in singlefile.text_encoder_pieces_of(n).items()}
@@ -288,25 +292,52 @@ class LoraSet:
                 weight.add_(module_delta(module, read, target), alpha=scale)
         self.close()
 
-    def patch(self, component: str) -> Callable[[str, Tensor], Tensor] | None:
-        """A `weights.load_weights` patch merging the LoRAs into the weights they target, in float32 (a float32
-        weight in place: its memory-mapped pages become its private copy, not a second buffer); None when no LoRA
-        touches the component."""
-        if not self.touches(component):
-            return None
+    def factors(self, component: str, key: str) -> tuple[Tensor | None, Tensor]:
+        """The summed `scale * update` for `key` as float32 factors (down, up) with up @ down equal to it, the
+        LoRAs' ranks stacked and each scale folded into its up; (None, update) when the factors would hold more
+        values than the update itself (a high total rank, or a LoKr with a whole w2)."""
+        downs, ups = [], []
+        for i, module, target, scale in self.index[component].get(key, []):
+            pair = module_factors(module, lambda name, i=i: self._tensor(i, name), target)
+            if pair is None:
+                break
+            downs.append(pair[0])
+            ups.append(pair[1].mul_(scale))
+        else:
+            self.close()
+            down, up = torch.cat(downs), torch.cat(ups, dim=1)
+            if down.shape[0] * (up.shape[0] + down.shape[1]) < up.shape[0] * down.shape[1]:
+                return down, up
+        return None, self.delta(component, key)
 
-        def add(key: str, weight: Tensor) -> Tensor:
-            if key not in self.index[component]:
-                return weight
-            weight = weight.float()
-            self.merge_into(component, key, weight)
-            return weight
-
-        return add
+    def patch(self, component: str) -> "LoraPatch | None":
+        """The LoRAs of `component` as loaders apply them (see LoraPatch); None when no LoRA touches it."""
+        return LoraPatch(self, component, frozenset(self.index[component])) if self.touches(component) else None
 
     def close(self) -> None:
         """Unmap the LoRA files (the next read maps them again)."""
         self._files.clear()
+
+
+@dataclass(frozen=True)
+class LoraPatch:
+    """The LoRAs of one component for the loaders: called as a `weights.load_weights` patch it merges them into a
+    weight read as floats, in float32 (a float32 weight in place: its memory-mapped pages become its private copy,
+    not a second buffer); `factors(key)` gives them for a weight kept quantized (lowrank.py)."""
+
+    loras: LoraSet
+    component: str
+    keys: frozenset[str]
+
+    def __call__(self, key: str, weight: Tensor) -> Tensor:
+        if key not in self.keys:
+            return weight
+        weight = weight.float()
+        self.loras.merge_into(self.component, key, weight)
+        return weight
+
+    def factors(self, key: str) -> tuple[Tensor | None, Tensor]:
+        return self.loras.factors(self.component, key)
 
 
 def lora_factors(m: Module, read: Callable[[str], Tensor], target: Target) -> tuple[Tensor, Tensor, float]:
@@ -354,3 +385,35 @@ def module_delta(m: Module, read: Callable[[str], Tensor], target: Target) -> Te
         n = d.shape[0] // target.count
         d = d[target.index * n : (target.index + 1) * n].clone()
     return d
+
+
+def module_factors(m: Module, read: Callable[[str], Tensor], target: Target) -> tuple[Tensor, Tensor] | None:
+    """(down, up), float32, with up @ down == module_delta(m, read, target) exactly in real arithmetic: a LoHa's
+    (a1 @ b1) * (a2 @ b2) is a product of rank r1 * r2 (rows a1[i] * a2[j], columns b1[i] * b2[j]), a LoKr's
+    kron(w1, w2_a @ w2_b) is kron(w1, w2_a) @ kron(I, w2_b). None for a LoKr whose w2 is whole (no thin form)."""
+    if m.kind == "lora":
+        down, up, scale = lora_factors(m, read, target)
+        return down, up * scale
+
+    def get(part: str) -> Tensor:
+        t = read(m.parts[part])
+        return t.flatten(1) if t.ndim > 2 else t
+
+    alpha = read(m.parts["alpha"]).item() if "alpha" in m.parts else m.alpha
+    if m.kind == "loha":
+        a1, b1, a2, b2 = (get(p) for p in KINDS["loha"])
+        up = (a1[:, :, None] * a2[:, None, :]).flatten(1)
+        down = (b1[:, None, :] * b2[None, :, :]).flatten(0, 1)
+        scale = 1.0 if alpha is None else alpha / b1.shape[0]
+    else:
+        if "lokr_w2" in m.parts:
+            return None
+        w1 = get("lokr_w1") if "lokr_w1" in m.parts else get("lokr_w1_a") @ get("lokr_w1_b")
+        w2a, w2b = get("lokr_w2_a"), get("lokr_w2_b")
+        rank = w2b.shape[0]  # as in module_delta: w2's rank when it is decomposed
+        up, down = torch.kron(w1, w2a), torch.kron(torch.eye(w1.shape[1]), w2b)
+        scale = 1.0 if alpha is None else alpha / rank
+    if target.count > 1:
+        n = up.shape[0] // target.count
+        up = up[target.index * n : (target.index + 1) * n]
+    return down, up * scale
