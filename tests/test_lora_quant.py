@@ -58,7 +58,7 @@ def loras96(base96, tmp_path_factory) -> dict[str, Path]:
     a LoHa and a LoKr."""
     root = tmp_path_factory.mktemp("loras96")
     shapes = model_shapes(base96)["transformer"]
-    sd, cfg = peft_lora(base96, BLOCKS + ["adaLN_modulation.0", "all_final_layer.2-1.linear"], seed=21)
+    sd, cfg = peft_lora(base96, BLOCKS + ["layers.0.adaLN_modulation.0", "all_final_layer.2-1.linear"], seed=21)
     sd2, cfg2 = peft_lora(base96, ["to_k", "w2", "t_embedder.mlp.0"], r=8, alpha=4, seed=22)
     qkv, qcfg = peft_lora(base96, ["to_q", "to_k", "to_v"], seed=23)
     gen, loha = torch.Generator().manual_seed(24), {}

@@ -60,9 +60,9 @@ def add_updates(module: nn.Module, updates: Updates, kept: type[nn.Module], dtyp
     """Give every layer of type `kept` (the quantized linears) whose weight `updates` changes its update beside it,
     factors in `dtype` on `device`; returns how many. Weights of other layers were loaded as floats, with the
     update merged."""
-    n = 0
+    n, layers = 0, dict(module.named_modules())
     for key in sorted(updates.keys):
-        layer = module.get_submodule(key.removesuffix(".weight"))
+        layer = layers.get(key.removesuffix(".weight"))  # None: a layer not built (the text encoder's last)
         if isinstance(layer, kept):
             down, up = updates.factors(key)
             to = dict(device=device, dtype=dtype)

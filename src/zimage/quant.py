@@ -280,3 +280,16 @@ def describe(module: nn.Module) -> str:
     kinds = ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
     return f"{sum(counts.values())} linear layers quantized ({kinds}), {human_bytes(quantized_bytes(module))} in all"
 
+
+
+def stored_quantized(files, name: str) -> tuple[Path, str] | None:
+    """(file, format) when component `name` of a run's ModelFiles is stored quantized (a GGUF file, or a ComfyUI
+    scaled-fp8 single file), from headers only; None otherwise."""
+    from .modelfiles import gguf_source, weights_header
+
+    if (path := gguf_source(files, name)) is not None:
+        return path, "GGUF"
+    path = files.file(name)
+    if path is not None and path.is_file() and is_scaled_fp8(weights_header(files, name)):
+        return path, "scaled fp8"
+    return None
