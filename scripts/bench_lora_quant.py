@@ -183,6 +183,7 @@ def main() -> None:
         load = time.perf_counter() - t0
         rows.append(row(f"side path r{args.rank}", side(x), load, timed(lambda: side(x), args.repeats),
                         raw.nbytes + (down.numel() + up_s.numel()) * 2, f"{qtype.name} + bf16 factors"))
+        rows[-1]["side_alone_ms"] = timed(lambda: side.lora(x), args.repeats) * 1e3  # the update's product alone
 
         again = qtype if qtype != Q.Q4_K else Q.Q4_0  # gguf-py cannot quantize to K types
         t0 = time.perf_counter()
@@ -196,8 +197,12 @@ def main() -> None:
             f"{'+load s':>8} {'fwd ms':>7} {'MiB':>6}")
     print(f"layer {args.out}x{args.inp}, {args.tokens} tokens bf16, LoRA rank {args.rank} (|dW|/|W| = {args.ratio}), "
           f"{args.threads} thread(s), torch {torch.__version__}")
+    w = torch.randn(shape, generator=gen).bfloat16()
+    print(f"a plain bfloat16 product of this size: {timed(lambda: x @ w.T, args.repeats) * 1e3:.1f} ms")
     print(head)
     for r in rows:
+        if "side_alone_ms" in r:
+            print(f"{'':5} (the side product alone: {r['side_alone_ms']:.1f} ms)")
         print(f"{r['type']:5} {r['way']:24} {r['held_as']:20} {r['rel_err_exact']:9.2e} {r['rel_err_bf16_merge']:9.2e} "
               f"{r['lora_effect_err']:9.2e} {r['extra_load_s']:8.3f} {r['forward_ms']:7.1f} {r['bytes'] / 2**20:6.1f}")
     if args.json:
