@@ -234,7 +234,7 @@ def generate(
     quantize: str = typer.Option("none", "--quantize", rich_help_panel=DEVICE,
                                  help="none, int8 (any device) or fp8 (CUDA capability 8.9+): store the "
                                       "transformer's linear weights quantized, made tensor by tensor while loading. "
-                                      "A GGUF transformer is already quantized."),
+                                      "Refused for a file already quantized (GGUF, ComfyUI fp8)."),
     quantize_text_encoder: str = typer.Option("none", "--quantize-text-encoder", rich_help_panel=DEVICE,
                                               help="none, int8 or fp8: the same for the text encoder."),
 ) -> None:
