@@ -237,3 +237,19 @@ def test_quantize_with_a_scaled_fp8_file_is_a_usage_error(tiny, tmp_path, loads)
     result = generate(tiny, tmp_path / "out" / "o.png", "--transformer", str(fp8_file), "--quantize", "int8")
     assert_one_line_error(result, 2, "--quantize int8", "zit_fp8_scaled.safetensors", "already quantized (scaled fp8)")
     assert snapshot(tmp_path) == before and not loads
+
+
+# ------------------------------------------------------------------------ on a GPU: scripts/gpu_check.sh
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("offload", ["none", "model", "sequential"])
+def test_gpu_loras_on_a_gguf_transformer_match_the_cpu(base96, tmp_path, loras96, accelerator, offload):
+    """The factors beside the quantized weights follow the model onto the GPU, whole or streamed block by block."""
+    if offload != "none" and accelerator.type != "cuda":
+        pytest.skip("offload streams need CUDA")
+    quantized, _ = gguf_model(base96, tmp_path, mixed_types())
+    args = ["--lora", f"{loras96['kohya']}:0.8", "--lora", f"{loras96['loha']}:0.5", *F32]
+    cpu = image(quantized, tmp_path / "cpu.png", "--cpu", *args)
+    gpu = image(quantized, tmp_path / "gpu.png", "--offload", offload, *args)
+    assert np.abs(cpu - gpu).max() <= 2
