@@ -281,7 +281,6 @@ def describe(module: nn.Module) -> str:
     return f"{sum(counts.values())} linear layers quantized ({kinds}), {human_bytes(quantized_bytes(module))} in all"
 
 
-
 def stored_quantized(files, name: str) -> tuple[Path, str] | None:
     """(file, format) when component `name` of a run's ModelFiles is stored quantized (a GGUF file, or a ComfyUI
     scaled-fp8 single file), from headers only; None otherwise."""
