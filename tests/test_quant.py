@@ -52,9 +52,29 @@ def test_quant_linear_equals_linear_on_its_dequantized_weight(quantize, dtype):
     assert rel_err(layer(x.to(dtype)), ref) < tol
 
 
-def test_int8_transformer_output_is_close_and_weights_are_int8(tiny):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_activations_are_rounded_per_row_and_multiplied_in_int8(dtype):
+    w, b = torch.randn(48, 64), torch.randn(48)
+    x = (torch.randn(3, 5, 64) * torch.logspace(-2, 2, 5)[:, None]).to(dtype)  # rows of very different magnitude
+    q = quantize_int8(w)
+    layer = QuantLinear(q, b.to(dtype))
+    layer.int8_activations = True
+    out = layer(x)
+    assert out.dtype == dtype and out.shape == (3, 5, 48)
+    rows = x.double().reshape(-1, 64)
+    step = rows.abs().amax(-1, keepdim=True) / 127
+    weight = q.data.double() * q.scale.double()[:, None]
+    ref = (torch.round(rows / step) * step) @ weight.T + b.to(dtype).double()
+    assert rel_err(out.reshape(15, 48), ref) < (1e-4 if dtype == torch.float32 else 1e-2)
+    assert rel_err(out.reshape(15, 48), rows @ weight.T + b.to(dtype).double()) > 1e-3  # activations were rounded
+
+
+@pytest.mark.parametrize("activations, bound", [(False, 2e-2), (True, 4e-2)], ids=["weight-only", "int8-activations"])
+def test_int8_transformer_output_is_close_and_weights_are_int8(tiny, monkeypatch, activations, bound):
+    monkeypatch.setattr(zimage.quant, "INT8_ACTIVATIONS", "avx512_vnni" if activations else None)
     ref = load_transformer(tiny, CPU, torch.float32)
     ours = load_transformer(tiny, CPU, torch.float32, quantize="int8")
+    assert ours.layers[0].feed_forward.w1.int8_activations == activations
     assert ours.layers[0].feed_forward.w1.weight.dtype == torch.int8
     assert "layers.0.feed_forward.w1.weight" in ours.state_dict()
     gen = torch.Generator().manual_seed(0)
@@ -62,7 +82,7 @@ def test_int8_transformer_output_is_close_and_weights_are_int8(tiny):
     caps = [torch.randn(7, ref.cfg.cap_feat_dim, generator=gen)]
     with torch.inference_mode():
         err = rel_err(ours(x, t, caps), ref(x, t, caps))
-    assert 0 < err < 2e-2
+    assert 0 < err < bound
 
 
 def test_quantizing_never_holds_two_unquantized_weights(tiny, monkeypatch):
@@ -124,16 +144,21 @@ def test_cpu_auto_dtype_follows_native_bf16_and_memory(monkeypatch):
     assert dtype == torch.bfloat16 and "float32 would need about" in why
 
 
-def test_native_bf16_reads_the_cpu_flags(monkeypatch, tmp_path):
-    import zimage.devices as devices
+def test_native_bf16_and_int8_read_the_cpu_flags(monkeypatch, tmp_path):
+    import zimage.cpu as cpu
 
-    real = devices.Path
-    for line, expected in [("flags\t\t: fpu avx2 avx512f avx512_bf16", "avx512_bf16"), ("flags : fpu avx2", None),
-                           ("Features\t: fp asimd bf16 i8mm", "bf16"), ("flags : amx_bf16 avx512_bf16", "amx_bf16")]:
+    real = cpu.Path
+    for line, bf16, int8 in [("flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni", "avx512_bf16", "avx512_vnni"),
+                             ("flags : fpu avx2 avx_vnni", None, "avx_vnni"),
+                             ("Features\t: fp asimd bf16 i8mm", "bf16", None),
+                             ("flags : amx_bf16 avx512_bf16 amx_int8 avx512_vnni", "amx_bf16", "amx_int8")]:
         (tmp_path / "cpuinfo").write_text(f"processor : 0\n{line}\n")
-        monkeypatch.setattr(devices, "Path", lambda p: real(tmp_path / "cpuinfo") if p == "/proc/cpuinfo" else real(p))
-        monkeypatch.setattr(devices.sys, "platform", "linux")
-        assert devices.native_bf16() == expected
+        monkeypatch.setattr(cpu, "Path", lambda p: real(tmp_path / "cpuinfo") if p == "/proc/cpuinfo" else real(p))
+        monkeypatch.setattr(cpu.sys, "platform", "linux")
+        monkeypatch.setattr(cpu.platform, "machine", lambda: "aarch64" if "Features" in line else "x86_64")
+        cpu.cpu_flags.cache_clear()
+        assert (cpu.native_bf16(), cpu.native_int8()) == (bf16, int8)
+    cpu.cpu_flags.cache_clear()
 
 
 @pytest.mark.parametrize("native, expected", [("avx512_bf16", "dtype bfloat16: the CPU computes bfloat16 natively"),

@@ -13,6 +13,7 @@ import sys
 import psutil
 import torch
 
+from .cpu import native_bf16
 from .errors import UsageError
 from .modelfiles import ModelFiles, component, weights_header
 from .singlefile import strip_prefix
@@ -75,28 +76,6 @@ def pick_dtype(name: str | None, device: torch.device, force: bool) -> torch.dty
         raise UsageError("--dtype float16 is refused: Z-Image's activations overflow float16 (NaN, black images); "
                          "use bfloat16, or add --force to try anyway")
     return dtype
-
-
-def native_bf16() -> str | None:
-    """The CPU feature that computes bfloat16 natively (x86 AMX-BF16 or AVX512-BF16, ARM BF16), or None.
-    torch.backends.cpu.get_cpu_capability() stops at 'AVX512', so the kernel's CPU flags are read."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    flags = {f for line in text.splitlines() if line.startswith(("flags", "Features")) for f in line.split()}
-    for feature in ("amx_bf16", "avx512_bf16", "bf16"):  # "bf16" is ARM's name in the Features line
-        if feature in flags:
-            return feature
-    if sys.platform == "darwin":  # Apple silicon from M2 on; no /proc there
-        try:
-            import subprocess
-
-            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True)
-            return "FEAT_BF16" if out.stdout.strip() == "1" else None
-        except OSError:
-            return None
-    return None
 
 
 def cpu_dtype(float32_peak: int) -> tuple[torch.dtype, str]:

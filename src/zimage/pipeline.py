@@ -96,7 +96,8 @@ def load_transformer(source: ModelFiles | Path, device: torch.device, dtype: tor
     match_pieces(comp.header, expected_shapes(model), comp.pieces, comp.configured_by, comp.where)
     from .quant import load_weights_of
 
-    return load_weights_of(model, comp, dtype, device, quantize, patch, "transformer")
+    # int8 activations for the transformer only: it is where the time goes (the text encoder runs once per prompt)
+    return load_weights_of(model, comp, dtype, device, quantize, patch, "transformer", int8_activations=True)
 
 
 def load_vae(source: ModelFiles | Path, device: torch.device, dtype: torch.dtype | None = None,
