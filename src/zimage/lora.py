@@ -245,7 +245,8 @@ class LoraSet:
     """LoRA files with their scales, merged together: the float32 delta for any weight key, and load-time patches.
 
     Loaders that do not go through `weights.load_pieces` (quantized, GGUF) ask `keys(component)` which weights
-    change, and `delta(component, key)` or `merge_into(component, key, weight)` for each."""
+    change, and `delta(component, key)` or `merge_into(component, key, weight)` for each, or `factors(component,
+    key)` for a weight that stays quantized (all of it bundled per component by `patch`)."""
 
     def __init__(self, loras: list[tuple[Lora, float]]):
         self.loras = loras
