@@ -510,16 +510,3 @@ def test_lora_is_merged_before_int8_quantization(tiny, tmp_path):
     full_lora = ours(tiny, tmp_path / "l.png", "--lora", str(path))
     assert np.abs(quant_lora - quant_plain).max() > 10  # the LoRA is in the quantized weights
     assert np.abs(quant_lora - full_lora).mean() < np.abs(quant_plain - full_lora).mean() / 3
-
-
-def test_lora_for_a_gguf_transformer_is_refused_before_loading(tiny, tmp_path, loads):
-    from test_gguf import diffusers_types, write_gguf
-    from test_singlefile import folder_state
-
-    gguf = tmp_path / "z.gguf"
-    write_gguf(folder_state(tiny, "transformer"), gguf, diffusers_types)
-    sd, cfg = peft_lora(tiny, ["to_q"], seed=19)
-    path = write(dialect(sd, cfg, "kohya"), tmp_path / "k.safetensors")
-    result = generate(tiny, tmp_path / "out" / "o.png", "--lora", str(path), "--transformer", str(gguf))
-    assert_one_line_error(result, 2, "LoRAs cannot be merged into the GGUF transformer", "z.gguf")
-    assert not (tmp_path / "out").exists() and not loads

@@ -234,7 +234,7 @@ def generate(
     quantize: str = typer.Option("none", "--quantize", rich_help_panel=DEVICE,
                                  help="none, int8 (any device) or fp8 (CUDA capability 8.9+): store the "
                                       "transformer's linear weights quantized, made tensor by tensor while loading. "
-                                      "A GGUF transformer is already quantized."),
+                                      "Refused for a file already quantized (GGUF, ComfyUI fp8)."),
     quantize_text_encoder: str = typer.Option("none", "--quantize-text-encoder", rich_help_panel=DEVICE,
                                               help="none, int8 or fp8: the same for the text encoder."),
 ) -> None:
@@ -333,9 +333,15 @@ def runtime_options(model, jobs: list[Job], batch_size: int, cpu: bool, device: 
     if cpu and device not in ("auto", "cpu"):
         raise UsageError(f"--cpu and --device {device} conflict; give one of them")
     dev = local_device(pick_device(device, cpu), current_shard())
-    for flag, value in (("--quantize", quantize), ("--quantize-text-encoder", quantize_text_encoder)):
+    from .quant import stored_quantized
+
+    for flag, value, name in (("--quantize", quantize, "transformer"),
+                              ("--quantize-text-encoder", quantize_text_encoder, "text_encoder")):
         if problem := quantize_problem(value, dev):
             raise UsageError(f"{flag} {value}: {problem}")
+        if value != "none" and (stored := stored_quantized(model, name)):  # quantizing it again only adds error
+            raise UsageError(f"{flag} {value}: the {name.replace('_', ' ')} file {stored[0].name} is already "
+                             f"quantized ({stored[1]}); leave out {flag}")
     if offload in ("model", "sequential") and dev.type != "cuda":
         log.warning("warning: --offload %s saves no memory on %s: the weights already live in the memory it computes "
                     "from, so offloading only adds copies (same image, slower)", offload, dev.type)

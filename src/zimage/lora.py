@@ -17,7 +17,9 @@ from torch import Tensor
 
 from . import singlefile
 from .lora_keys import COMPONENTS, Target, aliases, family, locate, split_key
-from .modelfiles import ModelFiles, weights_header
+from .lora_updates import lora_factors, module_delta, module_factors  # noqa: F401 (module_factors: API)
+from .gguf import pieces_of
+from .modelfiles import ModelFiles, gguf_source, weights_header
 from .weights import Piece, WeightsError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
@@ -75,7 +77,10 @@ def model_shapes(source: ModelFiles | Path) -> dict[str, dict[str, tuple[int, ..
     out = {}
     for name in COMPONENTS:
         infos = {n: info for n, (_, info) in weights_header(files, name).items()}
-        if files.file(name) is not None:
+        if gguf_source(files, name) is not None:
+            of = pieces_of(name)
+            found = {k: p for n in infos for k, p in of(n).items()}
+        elif files.file(name) is not None:
             found = singlefile.pieces(name, infos)
         elif name == "text_encoder":
             found = {k: p for n in infos for k, p in singlefile.text_encoder_pieces_of(n).items()}
@@ -240,7 +245,8 @@ class LoraSet:
     """LoRA files with their scales, merged together: the float32 delta for any weight key, and load-time patches.
 
     Loaders that do not go through `weights.load_pieces` (quantized, GGUF) ask `keys(component)` which weights
-    change, and `delta(component, key)` or `merge_into(component, key, weight)` for each."""
+    change, and `delta(component, key)` or `merge_into(component, key, weight)` for each, or `factors(component,
+    key)` for a weight that stays quantized (all of it bundled per component by `patch`)."""
 
     def __init__(self, loras: list[tuple[Lora, float]]):
         self.loras = loras
@@ -288,69 +294,49 @@ class LoraSet:
                 weight.add_(module_delta(module, read, target), alpha=scale)
         self.close()
 
-    def patch(self, component: str) -> Callable[[str, Tensor], Tensor] | None:
-        """A `weights.load_weights` patch merging the LoRAs into the weights they target, in float32 (a float32
-        weight in place: its memory-mapped pages become its private copy, not a second buffer); None when no LoRA
-        touches the component."""
-        if not self.touches(component):
-            return None
+    def factors(self, component: str, key: str) -> tuple[Tensor | None, Tensor]:
+        """The summed `scale * update` for `key` as float32 factors (down, up) with up @ down equal to it, the
+        LoRAs' ranks stacked and each scale folded into its up; (None, update) when the factors would hold more
+        values than the update itself (a high total rank, or a LoKr with a whole w2)."""
+        downs, ups = [], []
+        for i, module, target, scale in self.index[component].get(key, []):
+            pair = module_factors(module, lambda name, i=i: self._tensor(i, name), target)
+            if pair is None:
+                break
+            downs.append(pair[0])
+            ups.append(pair[1].mul_(scale))
+        else:
+            self.close()
+            down, up = torch.cat(downs), torch.cat(ups, dim=1)
+            if down.shape[0] * (up.shape[0] + down.shape[1]) < up.shape[0] * down.shape[1]:
+                return down, up
+        return None, self.delta(component, key)
 
-        def add(key: str, weight: Tensor) -> Tensor:
-            if key not in self.index[component]:
-                return weight
-            weight = weight.float()
-            self.merge_into(component, key, weight)
-            return weight
-
-        return add
+    def patch(self, component: str) -> "LoraPatch | None":
+        """The LoRAs of `component` as loaders apply them (see LoraPatch); None when no LoRA touches it."""
+        return LoraPatch(self, component, frozenset(self.index[component])) if self.touches(component) else None
 
     def close(self) -> None:
         """Unmap the LoRA files (the next read maps them again)."""
         self._files.clear()
 
 
-def lora_factors(m: Module, read: Callable[[str], Tensor], target: Target) -> tuple[Tensor, Tensor, float]:
-    """(down, up rows of `target`, alpha/rank) of a plain LoRA module, in float32."""
-    down, up = read(m.parts["lora_down"]).flatten(1), read(m.parts["lora_up"]).flatten(1)
-    if target.count > 1:
-        n = up.shape[0] // target.count
-        up = up[target.index * n : (target.index + 1) * n]
-    alpha = read(m.parts["alpha"]).item() if "alpha" in m.parts else m.alpha
-    return down, up, 1.0 if alpha is None else alpha / down.shape[0]
+@dataclass(frozen=True)
+class LoraPatch:
+    """The LoRAs of one component for the loaders: called as a `weights.load_weights` patch it merges them into a
+    weight read as floats, in float32 (a float32 weight in place: its memory-mapped pages become its private copy,
+    not a second buffer); `factors(key)` gives them for a weight kept quantized (lowrank.py)."""
 
+    loras: LoraSet
+    component: str
+    keys: frozenset[str]
 
-def module_delta(m: Module, read: Callable[[str], Tensor], target: Target) -> Tensor:
-    """alpha/rank-scaled float32 update of one module for one target (its rows of a fused q, k, v update)."""
-    def get(part: str) -> Tensor:
-        t = read(m.parts[part])
-        return t.flatten(1) if t.ndim > 2 else t
+    def __call__(self, key: str, weight: Tensor) -> Tensor:
+        if key not in self.keys:
+            return weight
+        weight = weight.float()
+        self.loras.merge_into(self.component, key, weight)
+        return weight
 
-    rows = slice(None)
-    if target.count > 1 and m.kind == "loha":
-        n = m.shapes["hada_w1_a"][0] // target.count
-        rows = slice(target.index * n, (target.index + 1) * n)
-    alpha = read(m.parts["alpha"]).item() if "alpha" in m.parts else m.alpha
-    if m.kind == "lora":
-        down, up, scale = lora_factors(m, read, target)
-        return (up @ down).mul_(scale)
-    if m.kind == "loha":
-        w1b = get("hada_w1_b")
-        scale = 1.0 if alpha is None else alpha / w1b.shape[0]
-        return (get("hada_w1_a")[rows] @ w1b).mul_(get("hada_w2_a")[rows] @ get("hada_w2_b")).mul_(scale)
-    # LoKr: kron(w1, w2), each factor whole or a product of two; alpha/rank only applies to decomposed factors,
-    # the rank taken from w2's factors when it has them (LyCORIS and ComfyUI)
-    factors, rank = [], None
-    for n in ("w1", "w2"):
-        if f"lokr_{n}" in m.parts:
-            factors.append(get(f"lokr_{n}"))
-        else:
-            a, b = get(f"lokr_{n}_a"), get(f"lokr_{n}_b")
-            factors.append(a @ b)
-            rank = b.shape[0]
-    d = torch.kron(*factors)
-    if alpha is not None and rank is not None:
-        d.mul_(alpha / rank)
-    if target.count > 1:
-        n = d.shape[0] // target.count
-        d = d[target.index * n : (target.index + 1) * n].clone()
-    return d
+    def factors(self, key: str) -> tuple[Tensor | None, Tensor]:
+        return self.loras.factors(self.component, key)

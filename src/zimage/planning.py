@@ -145,10 +145,6 @@ def checked_loras(jobs: list[Job], sources: "ModelFiles", given: tuple) -> tuple
             if ref.sha256 and not Path(path).is_file():
                 raise LoraError(f"--from-png: the image was made with LoRA file {path}, which is not there any more")
             lora = read_lora(Path(path), shapes)
-            for c in lora.components:
-                if (f := sources.file(c)) is not None and f.suffix.lower() == ".gguf":
-                    raise LoraError(f"LoRA file {path}: LoRAs cannot be merged into the GGUF {c.replace('_', ' ')} "
-                                    f"{f.name} (its weights stay quantized); use safetensors weights")
             sums[path] = sha256(Path(path))
             if ref.sha256 and ref.sha256 != sums[path]:
                 raise LoraError(f"--from-png: LoRA file {path} changed since the image was made (sha256 "

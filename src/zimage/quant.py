@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .cpu import native_int8
 from .gguf import by_pieces, dequantize, read_gguf
+from .lowrank import Updates, add_updates
 from .transformer import linear
 from .weights import (Piece, TensorInfo, WeightsError, expected_shapes, human_bytes, load_pieces,
                       read_pieces)
@@ -180,9 +181,10 @@ def load_weights_of(module: nn.Module, comp, dtype: torch.dtype, device: torch.d
                     what: str = "model", int8_activations: bool = False) -> nn.Module:
     """Fill a meta-device module from a checked modelfiles.Component (only the pieces of keys `module` has): from
     its GGUF or ComfyUI fp8 file kept quantized, quantized to `quantize` while reading, or plainly in `dtype`;
-    `patch` (a LoRA merge) changes weights before they are quantized (files stored quantized take none: planning
-    refuses LoRAs for GGUF files, and a scaled-fp8 file is refused here). With `int8_activations`, int8 layers
-    multiply int8 activations on a CPU that has int8 dot products. Quantized layers are logged as `what`."""
+    `patch` (a LoRA merge) changes weights before they are quantized; on a file stored quantized it is merged into
+    the weights read as floats and computed beside the ones kept quantized (a lowrank.Updates, e.g.
+    lora.LoraPatch). With `int8_activations`, int8 layers multiply int8 activations on a CPU that has int8 dot
+    products. Quantized layers are logged as `what`."""
     module = _fill(module, comp, dtype, device, quantize, patch)
     if int8_activations and INT8_ACTIVATIONS:
         for m in module.modules():
@@ -198,14 +200,9 @@ def _fill(module: nn.Module, comp, dtype: torch.dtype, device: torch.device, qua
     used = expected_shapes(module)
     pieces = {k: p for k, p in comp.pieces.items() if k in used}
     if comp.where.suffix.lower() == ".gguf":
-        if patch is not None:
-            raise WeightsError(f"{comp.where.name}: LoRAs cannot be merged into a GGUF file's quantized weights")
-        return load_gguf(module, comp.where, pieces, dtype, device)
+        return beside(load_gguf(module, comp.where, pieces, dtype, device, patch), patch, dtype, device)
     if comp.where.is_file() and is_scaled_fp8(comp.header):
-        if patch is not None:
-            raise WeightsError(f"{comp.where.name}: LoRAs cannot be merged into a scaled-fp8 file's weights; use a "
-                               "bfloat16 file with --quantize fp8 instead")
-        return load_scaled_fp8(module, comp.where, pieces, dtype, device)
+        return beside(load_scaled_fp8(module, comp.where, pieces, dtype, device, patch), patch, dtype, device)
     if quantize != "none":
         return load_quantized(module, comp.header, pieces, dtype, device, quantize, patch)
     return load_pieces(module, comp.header, pieces, dtype, device, patch)
@@ -245,20 +242,35 @@ def read_scaled_fp8(path: Path) -> dict[str, Tensor | QWeight]:
     return out
 
 
+def beside(module: nn.Module, patch: Updates | None, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The module with `patch`'s updates of its quantized linears computed beside them (lowrank.py)."""
+    if patch is not None and (n := add_updates(module, patch, QuantLinear, dtype, device)):
+        log.info("LoRA: %d quantized layer(s) adapted beside their weights (low-rank, %s)", n,
+                 str(dtype).removeprefix("torch."))
+    return module
+
+
+def _floats(patch: Updates | None, key: str, value: Tensor, dtype: torch.dtype) -> Tensor:
+    """A float tensor of a quantized file as loaded: with `patch`'s update merged in float32 first."""
+    if patch is None or key not in patch.keys:
+        return value.to(dtype)
+    return patch(key, value.float()).to(dtype)
+
+
 def load_scaled_fp8(module: nn.Module, path: Path, pieces: dict[str, Piece], dtype: torch.dtype,
-                    device: torch.device) -> nn.Module:
+                    device: torch.device, patch: Updates | None = None) -> nn.Module:
     """Fill a meta-device module from a ComfyUI fp8 file whose tensors `pieces` maps (checked by match_pieces) onto
     its keys, without upcasting it: Linear weights stay float8 with their scales (dequantized per tensor at load on
-    MPS, which has no float8), everything else in `dtype`."""
+    MPS, which has no float8), everything else in `dtype`; `patch` merges into what is loaded as floats."""
     linears = linear_keys(module)
     state: dict[str, Tensor | QWeight] = {}
     for key, value in by_pieces(read_scaled_fp8(path), pieces).items():
         if isinstance(value, QWeight) and key in linears and device.type != "mps":
             state[key] = QWeight(value.fmt, value.shape, value.data.to(device), value.scale.to(device))
         elif isinstance(value, QWeight):
-            state[key] = (value.data.float() * value.scale[:, None]).to(device=device, dtype=dtype)
+            state[key] = _floats(patch, key, value.data.float() * value.scale[:, None], dtype).to(device)
         else:
-            state[key] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+            state[key] = _floats(patch, key, value, dtype if value.is_floating_point() else value.dtype).to(device)
     return install(module, state)
 
 
@@ -268,10 +280,10 @@ def is_scaled_fp8(header: dict[str, tuple[Path, TensorInfo]]) -> bool:
 
 
 def load_gguf(module: nn.Module, path: Path, pieces: dict[str, Piece], dtype: torch.dtype,
-              device: torch.device) -> nn.Module:
+              device: torch.device, patch: Updates | None = None) -> nn.Module:
     """Fill a meta-device module from a GGUF file whose tensors `pieces` maps (checked by match_pieces) onto its
     keys: quantized Linear weights stay quantized (moved to `device`), float Linear weights are kept as stored when
-    that is smaller than `dtype`, every other tensor is dequantized to `dtype`."""
+    that is smaller than `dtype`, every other tensor is dequantized to `dtype` (`patch` merged into it first)."""
     _, tensors = read_gguf(path)
     expected, linears = expected_shapes(module), linear_keys(module)
     size = torch.tensor([], dtype=dtype).element_size()
@@ -281,7 +293,8 @@ def load_gguf(module: nn.Module, path: Path, pieces: dict[str, Piece], dtype: to
         if key in linears and keep and value.rows_kept:
             state[key] = QWeight(value.qtype.name, value.shape, value.data.to(device))
         else:
-            state[key] = value.dequantize(dtype).reshape(expected[key]).to(device)
+            floats = value.dequantize(torch.float32 if patch and key in patch.keys else dtype)
+            state[key] = _floats(patch, key, floats.reshape(expected[key]), dtype).to(device)
     return install(module, state)
 
 
@@ -300,3 +313,16 @@ def describe(module: nn.Module) -> str:
     acts = any(m.int8_activations for m in module.modules() if isinstance(m, QuantLinear))
     acts = f"; int8 activations on the CPU ({INT8_ACTIVATIONS})" if acts else ""
     return f"{sum(counts.values())} linear layers quantized ({kinds}), {human_bytes(quantized_bytes(module))} in all{acts}"
+
+
+def stored_quantized(files, name: str) -> tuple[Path, str] | None:
+    """(file, format) when component `name` of a run's ModelFiles is stored quantized (a GGUF file, or a ComfyUI
+    scaled-fp8 single file), from headers only; None otherwise."""
+    from .modelfiles import gguf_source, weights_header
+
+    if (path := gguf_source(files, name)) is not None:
+        return path, "GGUF"
+    path = files.file(name)
+    if path is not None and path.is_file() and is_scaled_fp8(weights_header(files, name)):
+        return path, "scaled fp8"
+    return None
