@@ -371,6 +371,45 @@ def test_gguf_text_encoder_matches_transformers_gguf_loading(base96, tmp_path):
     assert rel_err(got, expected) <= 1e-5
 
 
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_quantized_token_embedding_is_looked_up_from_its_blocks(base96, tmp_path, dtype):
+    """A quantized token_embd stays quantized (only the rows of a prompt's tokens are dequantized) and gives the
+    same features as a file holding that table's dequantized values as F32, which loads as a plain Embedding."""
+    from safetensors.torch import save_file
+
+    from zimage.gguf import GGUFEmbedding
+    from zimage.text_encoder import TextEncoder
+
+    def pick(key: str, t: torch.Tensor, i: int) -> Q:
+        return Q.Q4_0 if "embed_tokens" in key else Q.F32
+
+    quantized, floats = tmp_path / "quantized", tmp_path / "floats"
+    for model in (quantized, floats):
+        shutil.copytree(base96, model)
+        (model / "text_encoder" / "model.safetensors").unlink()
+    write_text_encoder_gguf(base96 / "text_encoder", quantized / "text_encoder" / "model.gguf", pick)
+    state = load_file(base96 / "text_encoder" / "model.safetensors")
+    key = next(k for k in state if "embed_tokens" in k)
+    table = state[key].float().numpy()
+    state[key] = torch.from_numpy(quants.dequantize(quants.quantize(table, Q.Q4_0), Q.Q4_0).copy())
+    source = tmp_path / "dequantized"
+    source.mkdir()
+    shutil.copy(base96 / "text_encoder" / "config.json", source / "config.json")
+    save_file(state, source / "model.safetensors")
+    write_text_encoder_gguf(source, floats / "text_encoder" / "model.gguf", pick=lambda *_: Q.F32)
+
+    ours = TextEncoder.load(quantized, torch.device("cpu"), dtype)
+    embed = ours.model.embed_tokens
+    assert isinstance(embed, GGUFEmbedding) and embed.weight.dtype == torch.uint8
+    assert embed.weight.numel() == table.size // 32 * 18  # Q4_0: 18 bytes per 32 values
+    ref = TextEncoder.load(floats, torch.device("cpu"), dtype)
+    assert isinstance(ref.model.embed_tokens, torch.nn.Embedding)
+    prompts = ["a red fox in the snow", "a cat"]
+    for got, expected in zip(ours.encode(prompts), ref.encode(prompts)):
+        assert got.dtype == dtype and torch.equal(got, expected)
+
+
 def test_generate_and_check_with_gguf_text_encoder_and_transformer(base96, tmp_path):
     model, _ = gguf_model(base96, tmp_path, mixed_types())
     (model / "text_encoder" / "model.safetensors").unlink()

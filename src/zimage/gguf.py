@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFReader
-from torch import Tensor
+from torch import Tensor, nn
 
 from .weights import Piece, TensorInfo, WeightsError
 
@@ -179,6 +179,26 @@ def dequantize(data: Tensor, qtype: Q, shape: tuple[int, ...], dtype: torch.dtyp
     return BLOCK_DEQUANT[qtype](blocks).reshape(shape).to(dtype)
 
 
+class GGUFEmbedding(nn.Module):
+    """A token embedding kept as stored in a GGUF file (ggml blocks, one row per token): a lookup dequantizes only
+    the rows it reads, into `dtype`, the same values as dequantizing the table whole. Qwen3-4B's 151936 x 2560
+    table is 0.4 GB as Q8_0, 0.8 GB in bfloat16, and 1.6 GB more while dequantized whole at load in float32."""
+
+    def __init__(self, t: GGUFTensor, dtype: torch.dtype):
+        super().__init__()
+        self.qtype, self.out_dtype = t.qtype, dtype
+        self.num_embeddings, self.embedding_dim = t.shape
+        self.weight = nn.Parameter(t.data, requires_grad=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = self.weight[ids.reshape(-1)]
+        out = dequantize(rows, self.qtype, (rows.shape[0], self.embedding_dim), self.out_dtype)
+        return out.view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype.name}"
+
+
 def _as_tensor(array: np.ndarray) -> Tensor:
     with warnings.catch_warnings():  # the memory map is read-only; nothing ever writes to these tensors
         warnings.simplefilter("ignore", UserWarning)
@@ -236,7 +256,6 @@ def _orig_shape(reader: GGUFReader, name: str) -> tuple[int, ...] | None:
     if field is None:
         return None
     return tuple(int(field.parts[i][0]) for i in field.data)
-
 
 
 
