@@ -37,6 +37,21 @@ def test_random_blocks_bit_exact(qtype):
     assert torch.equal(got.view(torch.int32), torch.from_numpy(expected.copy()).view(torch.int32))  # bit-exact
 
 
+@pytest.mark.parametrize("qtype", sorted(SCALE_FIELDS, key=int), ids=lambda q: q.name)
+def test_chunked_dequantization_bit_exact(qtype, monkeypatch):
+    """On the CPU a large tensor is dequantized a chunk of blocks at a time (zimage.gguf.CHUNK_VALUES): the same
+    values, in float32 and rounded to bfloat16, as gguf-py's whole-tensor result, a short last chunk included."""
+    import zimage.gguf
+
+    monkeypatch.setattr(zimage.gguf, "CHUNK_VALUES", 512)
+    raw = random_blocks(qtype, rows=7, blocks_per_row=3, seed=int(qtype) + 100)
+    expected = torch.from_numpy(quants.dequantize(raw, qtype).copy())
+    got = dequantize(torch.from_numpy(raw), qtype, tuple(expected.shape))
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+    assert torch.equal(dequantize(torch.from_numpy(raw), qtype, tuple(expected.shape), torch.bfloat16),
+                       expected.bfloat16())
+
+
 @pytest.mark.parametrize("qtype", QUANTIZABLE, ids=lambda q: q.name)
 def test_quantized_weights_bit_exact(qtype):
     weights = np.random.default_rng(1).standard_normal((5, 256)).astype(np.float32)

@@ -168,6 +168,13 @@ BLOCK_DEQUANT: dict[Q, Callable[[Tensor], Tensor]] = {
 SUPPORTED = frozenset(BLOCK_DEQUANT) | frozenset(FLOAT_TYPES)
 
 
+# On the CPU a weight is dequantized this many values at a time into its output: the float32 temporaries of a
+# chunk (a few MB) stay in malloc's heap and the cache, where a whole 10240 x 3840 weight's (hundreds of MB, above
+# glibc's largest mmap threshold) are mapped afresh, page fault by page fault, for every layer of every step.
+# Measured on a 2-core Zen 5 (torch 2.13, to bfloat16): Q4_0 366 -> 128 ms CPU, Q8_0 265 -> 75, Q4_K 415 -> 137.
+CHUNK_VALUES = 2**19
+
+
 def dequantize(data: Tensor, qtype: Q, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
     """The values of a ggml tensor of logical `shape` stored as raw blocks (uint8) or floats, in `dtype`.
 
@@ -175,8 +182,14 @@ def dequantize(data: Tensor, qtype: Q, shape: tuple[int, ...], dtype: torch.dtyp
     if qtype in FLOAT_TYPES:
         return data.view(FLOAT_TYPES[qtype]).reshape(shape).to(dtype)
     block_size, type_size = GGML_QUANT_SIZES[qtype]
-    blocks = data.reshape(-1, type_size)
-    return BLOCK_DEQUANT[qtype](blocks).reshape(shape).to(dtype)
+    blocks, per_block = data.reshape(-1, type_size), BLOCK_DEQUANT[qtype]
+    step = max(1, CHUNK_VALUES // block_size)
+    if data.device.type != "cpu" or len(blocks) <= step:  # GPUs: one pass (chunks would be many small launches)
+        return per_block(blocks).reshape(shape).to(dtype)
+    out = torch.empty(len(blocks), block_size, dtype=dtype)
+    for i in range(0, len(blocks), step):
+        out[i : i + step] = per_block(blocks[i : i + step])  # the same rounding to `dtype` as .to(dtype)
+    return out.reshape(shape)
 
 
 class GGUFEmbedding(nn.Module):
