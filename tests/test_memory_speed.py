@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 import zimage.pipeline
@@ -23,7 +24,8 @@ from zimage.offload import BlockStreamer
 from zimage.pipeline import load_transformer, load_vae
 from zimage.transformer import ONEDNN_LINEAR, ZImageTransformer
 from zimage.vae import AutoencoderKL
-from zimage.weights import READ_GROUP_BYTES, checkpoint_header, read_groups
+from zimage.tensorfile import stream, tensor_entries
+from zimage.weights import checkpoint_header
 
 CPU = torch.device("cpu")
 SRC = Path(zimage.pipeline.__file__).resolve().parents[1]  # the zimage under test, for child processes
@@ -161,16 +163,49 @@ def test_lean_loading_converts_tensor_by_tensor(medium):
     assert grown < 1.5 * model, f"load grew memory by {grown / 2**20:.0f} MiB for a {model / 2**20:.0f} MiB model"
 
 
-def test_reads_are_grouped_in_bounded_runs(checkpoints):
+def shard_tensors(checkpoints):
     folder = checkpoints["sharded"] / "transformer"
     header = checkpoint_header(folder, "diffusion_pytorch_model")
-    mapping = {k: k for k in header}
-    groups = read_groups(header, mapping)
-    assert sorted(k for _, keys in groups for k in keys) == sorted(header)
-    assert len({path for path, _ in groups}) == 3
-    for path, keys in groups:
-        assert all(header[k][0] == path for k in keys)
-        assert len(keys) == 1 or sum(header[k][1].nbytes for k in keys) <= READ_GROUP_BYTES
+    for path in sorted({p for p, _ in header.values()}):
+        names = [k for k, (p, _) in header.items() if p == path]
+        with safe_open(str(path), framework="pt") as f:
+            yield path, {n: f.get_tensor(n) for n in names}
+
+
+def test_stream_gives_every_tensor_as_stored_in_file_order_through_two_buffers(checkpoints):
+    for path, expected in shard_tensors(checkpoints):
+        seen, stages = [], set()
+        for name, t, stage in stream(path, list(expected)):
+            assert torch.equal(t, expected[name]) and t.dtype == expected[name].dtype, name
+            seen.append(name)
+            stages.add(id(stage))
+        starts = tensor_entries(path)
+        assert seen == sorted(expected, key=lambda n: starts[n][2]) and len(stages) == 2
+
+
+def test_stream_reads_through_the_page_cache_where_o_direct_is_refused(checkpoints, monkeypatch):
+    import zimage.tensorfile as tensorfile
+
+    real_open, refused = tensorfile.os.open, []
+
+    def no_direct(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            refused.append(path)
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(tensorfile.os, "open", no_direct)
+    for path, expected in shard_tensors(checkpoints):
+        assert all(torch.equal(t, expected[name]) for name, t, _ in stream(path, list(expected)))
+    assert refused or not getattr(os, "O_DIRECT", 0)
+
+
+def test_a_file_cut_short_inside_a_tensor_is_a_weights_error(checkpoints, tmp_path):
+    path, expected = next(shard_tensors(checkpoints))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(OSError, match="file ends at byte"):
+        list(stream(cut, list(expected)))
 
 
 def test_no_attention_mask_when_the_batch_needs_none(tiny, monkeypatch):

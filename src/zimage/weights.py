@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -15,7 +15,7 @@ from torch import nn
 
 from .errors import MissingFileError, WeightsError  # noqa: F401  (defined without torch for the CLI)
 from .layout import DOWNLOAD_HINT  # noqa: F401
-from .prefetch import ReadAhead, tensor_ranges
+from .tensorfile import Staging, host_empty, stream
 
 T = TypeVar("T")
 
@@ -208,27 +208,86 @@ def match_keys(
     return {key: p.name for key, p in pieces.items()}
 
 
-READ_GROUP_BYTES = 512 * 2**20
 Patch = Callable[[str, torch.Tensor], torch.Tensor]  # module key, tensor as read -> tensor to load
 
 
-def read_groups(header: dict[str, tuple[Path, TensorInfo]], mapping: dict[str, str],
-                limit: int = READ_GROUP_BYTES) -> list[tuple[Path, list[str]]]:
-    """Module keys grouped by file into runs of at most `limit` bytes on disk.
+def by_file(header: dict[str, tuple[Path, TensorInfo]], pieces: dict[str, "Piece"]) -> dict[Path, dict[str, list[str]]]:
+    """file -> tensor name -> the module keys read from it (a fused tensor feeds several)."""
+    files: dict[Path, dict[str, list[str]]] = {}
+    for key, piece in pieces.items():
+        files.setdefault(header[piece.name][0], {}).setdefault(piece.name, []).append(key)
+    return dict(sorted(files.items(), key=lambda kv: str(kv[0])))
 
-    Each group is read through its own memory map: closing it unmaps the pages read, which would otherwise stay
-    resident until the whole file is done (24.6 GB for the published float32 transformer).
-    """
-    groups: list[tuple[Path, list[str]]] = []
-    size = 0
-    for key in sorted(mapping, key=lambda k: str(header[mapping[k]][0])):
-        path, info = header[mapping[key]]
-        if not groups or groups[-1][0] != path or size + info.nbytes > limit:
-            groups.append((path, []))
-            size = 0
-        groups[-1][1].append(key)
-        size += info.nbytes
-    return groups
+
+def cut(t: torch.Tensor, piece: Piece) -> torch.Tensor:
+    """The piece of a whole tensor as stored: its rows when it is a slice, squeezed when asked."""
+    if piece.parts > 1:
+        rows = t.shape[0] // piece.parts
+        t = t[piece.part * rows : (piece.part + 1) * rows]
+    return t.reshape(t.shape[:-2]) if piece.squeeze else t
+
+
+def read_pieces(
+    header: dict[str, tuple[Path, TensorInfo]],
+    pieces: dict[str, Piece],
+    convert: Callable[[str, torch.Tensor], object],
+    patch: Patch | None = None,
+) -> dict[str, object]:
+    """Checked `pieces` (see match_pieces) read one tensor at a time, each passed through `convert(key, tensor)`
+    before the next is read (tensorfile.stream: a thread reads the next tensor meanwhile; only two tensors as
+    stored are in memory at a time).
+
+    `patch(module_key, tensor)`, when given, sees each floating tensor as read (before `convert`) and returns the
+    tensor to convert; a patch that changes a tensor works in float32 (LoRA merging does), and may change it in
+    place (it is the loader's private copy)."""
+    state: dict[str, object] = {}
+    for path, names in by_file(header, pieces).items():
+        try:
+            for name, whole, stage in stream(path, list(names)):
+                for key in names[name]:
+                    t = cut(whole, pieces[key])
+                    if patch is not None and t.is_floating_point():
+                        t = patch(key, t.clone() if len(names[name]) > 1 else t)
+                    state[key] = owned(convert(key, t), stage)
+                del whole, t
+        except Exception as e:
+            if isinstance(e, (torch.OutOfMemoryError, KeyboardInterrupt, WeightsError)):
+                raise
+            raise WeightsError(f"{path} could not be read ({e}); download it again") from None
+    return state
+
+
+def owned(value: object, stage: Staging) -> object:
+    """`value` with any tensor still in the staging buffer copied out (convert kept the tensor as read: same dtype,
+    same device), since the buffer is refilled with the next tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if stage.owns(value) else value
+    if dataclasses.is_dataclass(value):
+        changes = {f.name: getattr(value, f.name).clone() for f in dataclasses.fields(value)
+                   if stage.owns(getattr(value, f.name))}
+        return dataclasses.replace(value, **changes) if changes else value
+    return value
+
+
+def load_pieces(
+    module: nn.Module,
+    header: dict[str, tuple[Path, TensorInfo]],
+    pieces: dict[str, Piece],
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    patch: Patch | None = None,
+) -> nn.Module:
+    """Fill a module built on the meta device with checked `pieces` (see match_pieces), one tensor at a time,
+    each converted straight to `dtype` on `device` (after `patch`, as in read_pieces)."""
+    def convert(key: str, t: torch.Tensor) -> torch.Tensor:
+        target = dtype if t.is_floating_point() else t.dtype
+        if torch.device(device).type != "cpu":
+            return t.to(device=device, dtype=target)
+        return host_empty(t.shape, target).copy_(t)
+
+    state = read_pieces(header, pieces, convert, patch)
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.requires_grad_(False).eval()
 
 
 def load_weights(
@@ -249,93 +308,6 @@ def load_weights(
     header = checkpoint_header(folder, stem)
     mapping = match_keys(header, expected_shapes(module), rename, folder)
     return load_pieces(module, header, {key: Piece(name) for key, name in mapping.items()}, dtype, device, patch)
-
-
-def read_piece(f, piece: Piece) -> torch.Tensor:
-    """The piece's tensor from an open safetensors file, reading only its rows when it is a slice."""
-    if piece.parts == 1:
-        t = f.get_tensor(piece.name)
-    else:
-        sl = f.get_slice(piece.name)
-        rows = sl.get_shape()[0] // piece.parts
-        t = sl[piece.part * rows : (piece.part + 1) * rows]
-    return t.reshape(t.shape[:-2]) if piece.squeeze else t
-
-
-def read_pieces(
-    header: dict[str, tuple[Path, TensorInfo]],
-    pieces: dict[str, Piece],
-    convert: Callable[[str, torch.Tensor], object],
-    patch: Patch | None = None,
-) -> dict[str, object]:
-    """Checked `pieces` (see match_pieces) read one tensor at a time, each passed through `convert(key, tensor)`
-    before the next is read.
-
-    `patch(module_key, tensor)`, when given, sees each floating tensor as read (before `convert`) and returns the
-    tensor to convert; a patch that changes a tensor works in float32 (LoRA merging does), and may change it in
-    place (it is the loader's private copy-on-write view of the file)."""
-    state: dict[str, object] = {}
-    # every tensor of a group keeps the group's whole mapping alive, with the pages a patch read: patched loads map
-    # each tensor on its own, so the pages of a replaced tensor leave memory with it
-    groups = read_groups(header, {key: p.name for key, p in pieces.items()}, 0 if patch else READ_GROUP_BYTES)
-    ahead = ReadAhead(group_ranges(groups, header, pieces))
-    try:
-        for i, (path, keys) in enumerate(groups):
-            ahead.at(i)
-            read_group(f"{path}", keys, pieces, convert, patch, state)
-    finally:
-        ahead.close()
-    return state
-
-
-def group_ranges(groups: list[tuple[Path, list[str]]], header: dict[str, tuple[Path, TensorInfo]],
-                 pieces: dict[str, Piece]) -> list[tuple[Path, list[tuple[int, int]]]]:
-    """The byte spans of each group's tensors in its file, in file order (for ReadAhead); none where unknown."""
-    offsets: dict[Path, dict[str, tuple[int, int]]] = {}
-    out = []
-    for path, keys in groups:
-        try:
-            if path not in offsets:
-                offsets[path] = tensor_ranges(path)
-            out.append((path, sorted(offsets[path][pieces[k].name] for k in keys)))
-        except (OSError, ValueError, KeyError, struct.error):
-            out.append((path, []))
-    return out
-
-
-def read_group(path: str, keys: list[str], pieces: dict[str, Piece], convert: Callable[[str, torch.Tensor], object],
-               patch: Patch | None, state: dict[str, object]) -> None:
-    """Read one group's keys from one file into `state` (see read_pieces)."""
-    try:
-        with safe_open(path, framework="pt") as f:
-            for key in keys:
-                t = read_piece(f, pieces[key])
-                if patch is not None and t.is_floating_point():
-                    t = patch(key, t)
-                state[key] = convert(key, t)
-                del t
-    except Exception as e:
-        if isinstance(e, (torch.OutOfMemoryError, KeyboardInterrupt, WeightsError)):
-            raise
-        raise WeightsError(f"{path} could not be read ({e}); download it again") from None
-
-
-def load_pieces(
-    module: nn.Module,
-    header: dict[str, tuple[Path, TensorInfo]],
-    pieces: dict[str, Piece],
-    dtype: torch.dtype,
-    device: torch.device | str = "cpu",
-    patch: Patch | None = None,
-) -> nn.Module:
-    """Fill a module built on the meta device with checked `pieces` (see match_pieces), one tensor at a time,
-    each converted straight to `dtype` on `device` (after `patch`, as in read_pieces)."""
-    def convert(key: str, t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-
-    state = read_pieces(header, pieces, convert, patch)
-    module.load_state_dict(state, strict=True, assign=True)
-    return module.requires_grad_(False).eval()
 
 
 def save_weights(state: dict[str, torch.Tensor], folder: Path, stem: str, shards: int = 1) -> None:
