@@ -425,6 +425,23 @@ def test_quantized_token_embedding_is_looked_up_from_its_blocks(base96, tmp_path
         assert got.dtype == dtype and torch.equal(got, expected)
 
 
+@pytest.mark.cuda
+@torch.inference_mode()
+def test_gpu_quantized_token_embedding(base96, tmp_path, accelerator):
+    """A GGUF text encoder whose embedding stays quantized gives on the GPU the features it gives on the CPU."""
+    from zimage.gguf import GGUFEmbedding
+    from zimage.text_encoder import TextEncoder
+
+    model = tmp_path / "model"
+    shutil.copytree(base96, model)
+    (model / "text_encoder" / "model.safetensors").unlink()
+    write_text_encoder_gguf(base96 / "text_encoder", model / "text_encoder" / "model.gguf", mixed_types())
+    gpu = TextEncoder.load(model, accelerator, torch.float32)
+    assert isinstance(gpu.model.embed_tokens, GGUFEmbedding) and gpu.model.embed_tokens.weight.device.type == accelerator.type
+    cpu = TextEncoder.load(model, torch.device("cpu"), torch.float32)
+    assert rel_err(gpu.encode(["a red fox"])[0].cpu(), cpu.encode(["a red fox"])[0]) <= 1e-4
+
+
 def test_generate_and_check_with_gguf_text_encoder_and_transformer(base96, tmp_path):
     model, _ = gguf_model(base96, tmp_path, mixed_types())
     (model / "text_encoder" / "model.safetensors").unlink()
