@@ -175,8 +175,10 @@ SUPPORTED = frozenset(BLOCK_DEQUANT) | frozenset(FLOAT_TYPES)
 CHUNK_VALUES = 2**19
 
 
-def dequantize(data: Tensor, qtype: Q, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
-    """The values of a ggml tensor of logical `shape` stored as raw blocks (uint8) or floats, in `dtype`.
+def dequantize(data: Tensor, qtype: Q, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+               out: Tensor | None = None) -> Tensor:
+    """The values of a ggml tensor of logical `shape` stored as raw blocks (uint8) or floats, in `dtype`; on the
+    CPU written into `out` (contiguous, as many values, `dtype`) when given.
 
     Computed in float32 and rounded once to `dtype`, as ggml does before its float kernels."""
     if qtype in FLOAT_TYPES:
@@ -184,9 +186,9 @@ def dequantize(data: Tensor, qtype: Q, shape: tuple[int, ...], dtype: torch.dtyp
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     blocks, per_block = data.reshape(-1, type_size), BLOCK_DEQUANT[qtype]
     step = max(1, CHUNK_VALUES // block_size)
-    if data.device.type != "cpu" or len(blocks) <= step:  # GPUs: one pass (chunks would be many small launches)
+    if data.device.type != "cpu" or (len(blocks) <= step and out is None):  # GPUs: one pass, not many launches
         return per_block(blocks).reshape(shape).to(dtype)
-    out = torch.empty(len(blocks), block_size, dtype=dtype)
+    out = torch.empty(len(blocks), block_size, dtype=dtype) if out is None else out.view(len(blocks), block_size)
     for i in range(0, len(blocks), step):
         out[i : i + step] = per_block(blocks[i : i + step])  # the same rounding to `dtype` as .to(dtype)
     return out.reshape(shape)
