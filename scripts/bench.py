@@ -17,6 +17,8 @@ Phases, timed the same way for both:
   load      reading the weights (zimage: text encoder, then transformer + VAE; reference: from_pretrained + .to)
   encode    prompt -> caption features (zimage runs the real tokens only; the reference pads to 512)
   s/step    mean wall time of one denoising step (transformer forward + Euler update)
+  CPU s/step  the process's CPU time (all threads, user + system) over the steps, per step: the work a step
+            takes, much less disturbed than its wall time when other processes compete for the cores
   decode    latents -> VAE -> 8-bit PIL image (reference: what ZImagePipeline.__call__ does after its loop)
   end-to-end  from the start of loading to the PIL image (imports and process start-up excluded)
 
@@ -60,6 +62,14 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process so far, all threads, user + system."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def child_common(a):
     import torch
 
@@ -88,10 +98,10 @@ def run_zimage(a) -> dict:
         pipe = Pipeline(opts)
         feats = pipe.encode([a.prompt])
         pipe.load_denoiser()
-        f0 = minor_faults()
+        f0, c0 = minor_faults(), cpu_seconds()
         latents = pipe.denoise_batch([job], feats)
         sync(device)
-        faults = minor_faults() - f0
+        faults, cpu = minor_faults() - f0, cpu_seconds() - c0
         td = time.perf_counter()
         image = to_pil(pipe.decode(latents))[0]
         decode = time.perf_counter() - td
@@ -100,6 +110,7 @@ def run_zimage(a) -> dict:
     t = pipe.timings
     return {"load": t.load, "encode": t.encode, "steps": t.steps, "decode": decode, "end_to_end": end,
             "tokens": int(feats[a.prompt].shape[0]), "step_faults": faults / len(t.steps), "image": image,
+            "step_cpu": cpu / len(t.steps),
             **({"vae_encode": t.pictures} if a.img2img else {})}
 
 
@@ -143,13 +154,13 @@ def run_reference(a) -> dict:
 
             pipe.vae.encode = timed_encode
             picture = {"image": Image.open(a.init_image).convert("RGB"), "strength": a.img2img}
-        f0 = minor_faults()
+        f0, c0 = minor_faults(), cpu_seconds()
         stamps[0] = time.perf_counter()
         latents = pipe(prompt_embeds=prompt_embeds, height=a.height, width=a.width, num_inference_steps=a.steps,
                        guidance_scale=0.0, generator=generator, output_type="latent",
                        callback_on_step_end=on_step, **picture).images
         stamps[0] += sum(vae_encode)  # the first step's time starts after the encode
-        faults = minor_faults() - f0
+        faults, cpu = minor_faults() - f0, cpu_seconds() - c0
         td = time.perf_counter()
         # what ZImagePipeline.__call__ does after its loop when output_type != "latent"
         latents = latents.to(pipe.vae.dtype)
@@ -162,6 +173,7 @@ def run_reference(a) -> dict:
     steps = list(np.diff(stamps).tolist())
     return {"load": load, "encode": encode, "steps": steps, "decode": decode, "end_to_end": end, "tokens": tokens,
             "encoded_tokens": 512, "step_faults": faults / len(steps), "image": image,
+            "step_cpu": cpu / len(steps),  # with img2img, the VAE encode inside the call is counted too
             **({"vae_encode": sum(vae_encode)} if a.img2img else {})}
 
 
@@ -364,6 +376,8 @@ def combine(runs: list[dict]) -> dict:
             out[k] = min(r[k] for r in runs)
     out["step_median"] = min(median(r["steps"]) for r in runs)
     out["step_mean"] = min(sum(r["steps"]) / len(r["steps"]) for r in runs)
+    if all("step_cpu" in r for r in runs):
+        out["step_cpu"] = min(r["step_cpu"] for r in runs)
     out["all_steps"] = [r["steps"] for r in runs]
     out["background_cpu"] = [r["background_cpu"] for r in runs]
     for k in ("peak_rss", "peak_vram"):
@@ -382,6 +396,7 @@ def table(results: dict[str, dict], cuda: bool) -> str:
     rows = [("load s", lambda r: r.get("load")), ("encode s", lambda r: r.get("encode")),
             ("load + encode s", lambda r: r["load"] + r["encode"] if "load" in r else None),
             ("s/step (median)", lambda r: r.get("step_median")), ("s/step (mean)", lambda r: r.get("step_mean")),
+            ("CPU s/step (all threads)", lambda r: r.get("step_cpu")),
             ("decode s", lambda r: r.get("decode")),
             ("img2img: VAE encode s", lambda r: r.get("vae_encode")),
             ("end-to-end s", lambda r: r.get("end_to_end")),

@@ -37,6 +37,21 @@ def test_random_blocks_bit_exact(qtype):
     assert torch.equal(got.view(torch.int32), torch.from_numpy(expected.copy()).view(torch.int32))  # bit-exact
 
 
+@pytest.mark.parametrize("qtype", sorted(SCALE_FIELDS, key=int), ids=lambda q: q.name)
+def test_chunked_dequantization_bit_exact(qtype, monkeypatch):
+    """On the CPU a large tensor is dequantized a chunk of blocks at a time (zimage.gguf.CHUNK_VALUES): the same
+    values, in float32 and rounded to bfloat16, as gguf-py's whole-tensor result, a short last chunk included."""
+    import zimage.gguf
+
+    monkeypatch.setattr(zimage.gguf, "CHUNK_VALUES", 512)
+    raw = random_blocks(qtype, rows=7, blocks_per_row=3, seed=int(qtype) + 100)
+    expected = torch.from_numpy(quants.dequantize(raw, qtype).copy())
+    got = dequantize(torch.from_numpy(raw), qtype, tuple(expected.shape))
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+    assert torch.equal(dequantize(torch.from_numpy(raw), qtype, tuple(expected.shape), torch.bfloat16),
+                       expected.bfloat16())
+
+
 @pytest.mark.parametrize("qtype", QUANTIZABLE, ids=lambda q: q.name)
 def test_quantized_weights_bit_exact(qtype):
     weights = np.random.default_rng(1).standard_normal((5, 256)).astype(np.float32)
@@ -369,6 +384,62 @@ def test_gguf_text_encoder_matches_transformers_gguf_loading(base96, tmp_path):
     expected = ref(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-2][0]
     got = ours.encode(["a red fox in the snow"])[0]
     assert rel_err(got, expected) <= 1e-5
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_quantized_token_embedding_is_looked_up_from_its_blocks(base96, tmp_path, dtype):
+    """A quantized token_embd stays quantized (only the rows of a prompt's tokens are dequantized) and gives the
+    same features as a file holding that table's dequantized values as F32, which loads as a plain Embedding."""
+    from safetensors.torch import save_file
+
+    from zimage.gguf import GGUFEmbedding
+    from zimage.text_encoder import TextEncoder
+
+    def pick(key: str, t: torch.Tensor, i: int) -> Q:
+        return Q.Q4_0 if "embed_tokens" in key else Q.F32
+
+    quantized, floats = tmp_path / "quantized", tmp_path / "floats"
+    for model in (quantized, floats):
+        shutil.copytree(base96, model)
+        (model / "text_encoder" / "model.safetensors").unlink()
+    write_text_encoder_gguf(base96 / "text_encoder", quantized / "text_encoder" / "model.gguf", pick)
+    state = load_file(base96 / "text_encoder" / "model.safetensors")
+    key = next(k for k in state if "embed_tokens" in k)
+    table = state[key].float().numpy()
+    state[key] = torch.from_numpy(quants.dequantize(quants.quantize(table, Q.Q4_0), Q.Q4_0).copy())
+    source = tmp_path / "dequantized"
+    source.mkdir()
+    shutil.copy(base96 / "text_encoder" / "config.json", source / "config.json")
+    save_file(state, source / "model.safetensors")
+    write_text_encoder_gguf(source, floats / "text_encoder" / "model.gguf", pick=lambda *_: Q.F32)
+
+    ours = TextEncoder.load(quantized, torch.device("cpu"), dtype)
+    embed = ours.model.embed_tokens
+    assert isinstance(embed, GGUFEmbedding) and embed.weight.dtype == torch.uint8
+    assert embed.weight.numel() == table.size // 32 * 18  # Q4_0: 18 bytes per 32 values
+    ref = TextEncoder.load(floats, torch.device("cpu"), dtype)
+    assert isinstance(ref.model.embed_tokens, torch.nn.Embedding)
+    prompts = ["a red fox in the snow", "a cat"]
+    for got, expected in zip(ours.encode(prompts), ref.encode(prompts)):
+        assert got.dtype == dtype and torch.equal(got, expected)
+
+
+@pytest.mark.cuda
+@torch.inference_mode()
+def test_gpu_quantized_token_embedding(base96, tmp_path, accelerator):
+    """A GGUF text encoder whose embedding stays quantized gives on the GPU the features it gives on the CPU."""
+    from zimage.gguf import GGUFEmbedding
+    from zimage.text_encoder import TextEncoder
+
+    model = tmp_path / "model"
+    shutil.copytree(base96, model)
+    (model / "text_encoder" / "model.safetensors").unlink()
+    write_text_encoder_gguf(base96 / "text_encoder", model / "text_encoder" / "model.gguf", mixed_types())
+    gpu = TextEncoder.load(model, accelerator, torch.float32)
+    assert isinstance(gpu.model.embed_tokens, GGUFEmbedding) and gpu.model.embed_tokens.weight.device.type == accelerator.type
+    cpu = TextEncoder.load(model, torch.device("cpu"), torch.float32)
+    assert rel_err(gpu.encode(["a red fox"])[0].cpu(), cpu.encode(["a red fox"])[0]) <= 1e-4
 
 
 def test_generate_and_check_with_gguf_text_encoder_and_transformer(base96, tmp_path):
