@@ -103,6 +103,7 @@ def run_zimage(a) -> dict:
         sync(device)
         faults, cpu = minor_faults() - f0, cpu_seconds() - c0
         td = time.perf_counter()
+        pipe.release_transformer()  # as `zimage generate` does after its last batch: the decode gets its memory
         image = to_pil(pipe.decode(latents))[0]
         decode = time.perf_counter() - td
         end = time.perf_counter() - t0

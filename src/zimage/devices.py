@@ -42,6 +42,18 @@ def tune_allocator() -> bool:
         return False
 
 
+def trim_host() -> None:
+    """Hand the free parts of the heap back to the OS (glibc's malloc_trim; a no-op elsewhere). Freed weights under
+    glibc's 32 MB mmap threshold stay in the heap otherwise, counted in the RSS: the text encoder's 7.5 GB, copied
+    out of the read buffers at load, stayed resident beside the transformer (peak RSS 16.1 instead of 13 GiB)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def pick_device(name: str | None, cpu: bool) -> torch.device:
     """`--cpu` wins; else the named device; else cuda, then mps, then cpu."""
     if cpu:

@@ -20,7 +20,7 @@ from .errors import OutOfMemory
 from .images import save_image, to_pil
 from .jobs import Job
 from .lora import LoraSet, model_shapes, read_lora
-from .devices import tune_allocator
+from .devices import trim_host, tune_allocator
 from .modelfiles import ModelFiles, component, scheduler_config
 from .compiling import compile_blocks, uncompile
 from .offload import BlockStreamer, empty_cache
@@ -124,6 +124,7 @@ def free_memory(released: list[weakref.ref], *devices: torch.device) -> None:
     """
     if any(ref() is not None for ref in released):
         gc.collect()
+    trim_host()
     for d in set(devices):
         empty_cache(d)
 
