@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, GGUFWriter, quants  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from zimage.gguf import QWEN3_LAYER_NAMES, QWEN3_NAMES, TRANSFORMER_RENAMES, dequantize  # noqa: E402
+from zimage.gguf import QWEN3_LAYER_NAMES, QWEN3_NAMES, dequantize, original_transformer_names  # noqa: E402
 from zimage.weights import WEIGHT_STEMS, checkpoint_header  # noqa: E402
 
 WRITABLE = ("Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")  # what gguf-py's quantizer does
@@ -44,23 +44,6 @@ RANDOM = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # byte offsets of the float16 scale fields (d, dmin) in one block of each K type
 K_SCALES = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
 ARCH = {"transformer": "lumina2", "text_encoder": "qwen3"}
-
-
-def transformer_plan(keys: list[str]) -> list[tuple[str, list[str]]]:
-    """(original name, our keys concatenated into it) for each tensor of an original-layout transformer file:
-    to_q/to_k/to_v fuse into attention.qkv (the inverse of zimage.gguf.transformer_keys)."""
-    out = []
-    for key in keys:
-        if ".attention.to_k." in key or ".attention.to_v." in key:
-            continue
-        name = key
-        for old, new in TRANSFORMER_RENAMES:
-            name = name.replace(new, old)
-        if ".attention.to_q." in key:
-            out.append((name.replace(".to_q.", ".qkv."), [key.replace("to_q", p) for p in ("to_q", "to_k", "to_v")]))
-        else:
-            out.append((name, [key]))
-    return out
 
 
 LLAMA_CPP = {v: k for k, v in QWEN3_LAYER_NAMES.items()}
@@ -135,7 +118,7 @@ def write_component(src: Path, dst: Path, name: str, qtype: Q) -> None:
     """src/name (safetensors, any shards) -> dst/name/model.gguf with `qtype`, streamed one tensor at a time."""
     header = checkpoint_header(src / name, WEIGHT_STEMS[name])
     keys = sorted(header)
-    plan = (transformer_plan if name == "transformer" else text_encoder_plan)(keys)
+    plan = (original_transformer_names if name == "transformer" else text_encoder_plan)(keys)
     (dst / name).mkdir(parents=True)
     cfg_text = (src / name / "config.json").read_text()
     (dst / name / "config.json").write_text(cfg_text)

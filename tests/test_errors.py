@@ -723,7 +723,16 @@ def test_interrupt_while_writing_leaves_no_partial_file(tiny, tmp_path, out, mon
     assert_valid_image(out / "img-0000.png")
 
 
-def test_interrupt_right_after_a_rename_still_reports_that_file(tiny, tmp_path, out, monkeypatch):
+@pytest.fixture
+def sigint_default():
+    """Ctrl-C as a terminal delivers it: a shell starts background jobs with SIGINT ignored, and Python then never
+    installs its handler, so the tests would inherit whatever ran them."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # for children: Python then installs its own
+    signal.signal(signal.SIGINT, before)
+
+
+def test_interrupt_right_after_a_rename_still_reports_that_file(tiny, tmp_path, out, monkeypatch, sigint_default):
     # Ctrl-C landing between the rename and the bookkeeping must not leave an image on disk that the summary omits
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\na bird\n")
@@ -750,7 +759,7 @@ def run_zimage(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([str(ZIMAGE), *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_sigint_keeps_finished_images_and_says_what_was_written(tiny, tmp_path, out):
+def test_sigint_keeps_finished_images_and_says_what_was_written(tiny, tmp_path, out, sigint_default):
     n = 300  # far more than can finish between the first image and the signal, even on a fast machine
     prompts = tmp_path / "prompts.txt"
     # 10 prompts x 30 images: prompts are encoded one at a time before the first image, so not 300 of them
@@ -759,7 +768,8 @@ def test_sigint_keeps_finished_images_and_says_what_was_written(tiny, tmp_path, 
     with open(stdout, "w") as so, open(stderr, "w") as se:
         proc = subprocess.Popen([str(ZIMAGE), "generate", "--model-path", str(tiny), "--prompts-file", str(prompts),
                                  "--num-images", str(n // 10), "--batch-size", "1", "--width", "64", "--height", "64", "--num-steps", "4",
-                                 "--seed", "1", "-q", "-o", str(out / "img.png")], stdout=so, stderr=se)
+                                 "--seed", "1", "-q", "-o", str(out / "img.png")], stdout=so, stderr=se,
+                                preexec_fn=sigint_default)
         try:
             deadline = time.monotonic() + 120
             while not list(out.glob("img-*.png")):

@@ -313,22 +313,28 @@ def transformer_keys(tensors: dict) -> dict:
     return by_pieces(tensors, {k: p for name in tensors for k, p in transformer_pieces_of(name).items()})
 
 
-def original_transformer_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The inverse of `transformer_keys` for float tensors: our keys -> original names, to_q/k/v fused into qkv
-    (for writing GGUF files that tools of the original layout read)."""
-    out: dict[str, Tensor] = {}
-    for key, t in state.items():
+def original_transformer_names(keys: list[str]) -> list[tuple[str, list[str]]]:
+    """(original name, our keys concatenated into it, in order) for each tensor of an original-layout transformer
+    file: the inverse of `transformer_keys`' renames, to_q/to_k/to_v fused into attention.qkv."""
+    out = []
+    for key in keys:
         if ".attention.to_k." in key or ".attention.to_v." in key:
             continue
         name = key
         for old, new in TRANSFORMER_RENAMES:
             name = name.replace(new, old)
         if ".attention.to_q." in key:
-            parts = [state[key.replace("to_q", p)] for p in ("to_q", "to_k", "to_v")]
-            out[name.replace(".to_q.", ".qkv.")] = torch.cat(parts)
+            out.append((name.replace(".to_q.", ".qkv."), [key.replace("to_q", p) for p in ("to_q", "to_k", "to_v")]))
         else:
-            out[name] = t
+            out.append((name, [key]))
     return out
+
+
+def original_transformer_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of `transformer_keys` for float tensors: our keys -> original names, to_q/k/v fused into qkv
+    (for writing GGUF files that tools of the original layout read)."""
+    return {name: state[keys[0]] if len(keys) == 1 else torch.cat([state[k] for k in keys])
+            for name, keys in original_transformer_names(list(state))}
 
 
 # llama.cpp's names for Qwen3 (gguf-py tensor_mapping) -> transformers' Qwen3Model names. llama.cpp permutes the
