@@ -5,16 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import ctypes
-import ctypes.util
 import os
-import sys
 
 import psutil
 import torch
 
 from .cpu import native_bf16
 from .errors import UsageError
+from .libc import LIBC
 from .modelfiles import ModelFiles, component, weights_header
 from .singlefile import strip_prefix
 from .weights import TensorInfo, human_bytes
@@ -32,25 +30,22 @@ def tune_allocator() -> bool:
     """Keep freed activation buffers in the heap for reuse (glibc only; a no-op elsewhere or when the user set
     MALLOC_* variables). Otherwise glibc hands big buffers back to the OS on every free and maps them again,
     page fault by page fault, on every step (measured: 15% of a CPU step at the mid benchmark size)."""
-    if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ):
+    if LIBC is None or any(k.startswith("MALLOC_") for k in os.environ):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-            libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    except (OSError, AttributeError):  # not glibc (musl, for one, has no mallopt)
+        return bool(LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+            LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    except AttributeError:  # not glibc (musl, for one, has no mallopt)
         return False
 
 
 def trim_host() -> None:
-    """Hand the free parts of the heap back to the OS (glibc's malloc_trim; a no-op elsewhere). Freed weights under
-    glibc's 32 MB mmap threshold stay in the heap otherwise, counted in the RSS: the text encoder's 7.5 GB, copied
-    out of the read buffers at load, stayed resident beside the transformer (peak RSS 16.1 instead of 13 GiB)."""
-    if not sys.platform.startswith("linux"):
-        return
+    """Hand the free parts of the heap back to the OS (glibc's malloc_trim; a no-op elsewhere): freed tensors under
+    glibc's 32 MB mmap threshold (most of the text encoder's weights) otherwise stay resident in the heap."""
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
+        if LIBC is not None:
+            LIBC.malloc_trim(0)
+    except AttributeError:  # not glibc
         pass
 
 

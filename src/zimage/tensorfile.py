@@ -11,7 +11,6 @@ the same reads go through the page cache.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import json
 import mmap
 import os
@@ -23,22 +22,14 @@ from typing import Iterator
 
 import torch
 
+from .libc import LIBC
+
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 ALIGN = 4096  # O_DIRECT wants offsets, lengths and addresses aligned to the device's block: 4096 covers all
 HUGE = 2 * 2**20  # a transparent huge page on x86 and most ARM kernels
 MADV_HUGEPAGE = 14
-
-
-def _libc():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True) if os.name == "posix" else None
-    except OSError:
-        return None
-
-
-LIBC = _libc() if os.uname().sysname == "Linux" else None
 
 
 def host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
