@@ -21,7 +21,7 @@ from .gguf import GGUFEmbedding, GGUFTensor, by_pieces, dequantize, read_gguf
 from .lowrank import Updates, add_updates
 from .transformer import linear
 from .weights import (Piece, TensorInfo, WeightsError, expected_shapes, human_bytes, load_pieces,
-                      read_pieces)
+                      read_pieces, to_target)
 
 log = logging.getLogger("zimage")
 
@@ -186,7 +186,7 @@ def load_quantized(module: nn.Module, header: dict[str, tuple[Path, TensorInfo]]
             t = patch(key, t)
         if key in linears:
             return quantize(t.to(device))
-        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        return to_target(t, dtype, device)
 
     return install(module, read_pieces(header, pieces, convert))
 
@@ -330,8 +330,8 @@ def describe(module: nn.Module) -> str:
             counts[m.fmt] = counts.get(m.fmt, 0) + 1
     kinds = ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
     acts = any(m.int8_activations for m in module.modules() if isinstance(m, QuantLinear))
-    acts = f"; int8 activations on the CPU ({INT8_ACTIVATIONS})" if acts else ""
-    return f"{sum(counts.values())} linear layers quantized ({kinds}), {human_bytes(quantized_bytes(module))} in all{acts}"
+    extra = f"; int8 activations on the CPU ({INT8_ACTIVATIONS})" if acts else ""
+    return f"{sum(counts.values())} linear layers quantized ({kinds}), {human_bytes(quantized_bytes(module))} in all{extra}"
 
 
 def stored_quantized(files, name: str) -> tuple[Path, str] | None:

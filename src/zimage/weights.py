@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,15 +257,17 @@ def read_pieces(
 
 
 def owned(value: object, stage: Staging) -> object:
-    """`value` with any tensor still in the staging buffer copied out (convert kept the tensor as read: same dtype,
-    same device), since the buffer is refilled with the next tensor."""
-    if isinstance(value, torch.Tensor):
-        return value.clone() if stage.owns(value) else value
-    if dataclasses.is_dataclass(value):
-        changes = {f.name: getattr(value, f.name).clone() for f in dataclasses.fields(value)
-                   if stage.owns(getattr(value, f.name))}
-        return dataclasses.replace(value, **changes) if changes else value
-    return value
+    """`value`, copied out of the staging buffer if `convert` returned the tensor as read (the buffer is refilled
+    with the next tensor). Other results (quantized weights) are always made anew."""
+    return value.clone() if isinstance(value, torch.Tensor) and stage.owns(value) else value
+
+
+def to_target(t: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """`t` on `device`, floating tensors in `dtype`: on the CPU a copy in huge-page memory (tensorfile.host_empty)."""
+    target = dtype if t.is_floating_point() else t.dtype
+    if torch.device(device).type != "cpu":
+        return t.to(device=device, dtype=target)
+    return host_empty(t.shape, target).copy_(t)
 
 
 def load_pieces(
@@ -279,13 +280,7 @@ def load_pieces(
 ) -> nn.Module:
     """Fill a module built on the meta device with checked `pieces` (see match_pieces), one tensor at a time,
     each converted straight to `dtype` on `device` (after `patch`, as in read_pieces)."""
-    def convert(key: str, t: torch.Tensor) -> torch.Tensor:
-        target = dtype if t.is_floating_point() else t.dtype
-        if torch.device(device).type != "cpu":
-            return t.to(device=device, dtype=target)
-        return host_empty(t.shape, target).copy_(t)
-
-    state = read_pieces(header, pieces, convert, patch)
+    state = read_pieces(header, pieces, lambda key, t: to_target(t, dtype, device), patch)
     module.load_state_dict(state, strict=True, assign=True)
     return module.requires_grad_(False).eval()
 
@@ -301,8 +296,8 @@ def load_weights(
 ) -> nn.Module:
     """Fill a module built on the meta device from a component folder, one tensor at a time.
 
-    Each tensor is read from the memory-mapped file and converted straight to `dtype` on `device`, so no
-    full-precision copy of the model ever exists. `rename` maps checkpoint keys to module keys (None skips);
+    Each tensor is read (read_pieces) and converted straight to `dtype` on `device`, so no full-precision copy
+    of the model ever exists. `rename` maps checkpoint keys to module keys (None skips);
     `patch` as in read_pieces.
     """
     header = checkpoint_header(folder, stem)
